@@ -291,7 +291,7 @@ def _resnet50(weights=None, feature_layer=None, pretrained=True) -> Backbone:
 
 
 # torchvision's DenseNet checkpoints predate its module names ('norm.1' is now 'norm1').
-_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 @register_backbone("densenet161")

@@ -1,0 +1,45 @@
+"""An independent, plain NumPy computation of METHOD.md sections 1-3 for one image, written from the formulas with
+explicit loops over classes and channels (slow on purpose: it is the oracle the batched code is checked against)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def reference_class_vectors(X: np.ndarray, A: np.ndarray, W: np.ndarray, b: np.ndarray, n_classes: int):
+    """X: K' x H x W features, A: K x H x W CAM activations (same resolution), W: C x K, b: C.
+    Returns (classes best first, class vectors n_classes x K', each l2-normalised)."""
+    K, H, Wd = A.shape
+    gap = np.array([A[k].sum() / (H * Wd) for k in range(K)])
+    logits = W @ gap + b
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    classes = list(np.argsort(-probs, kind="stable")[:n_classes])
+
+    n_channels = X.shape[0]
+    q = [np.count_nonzero(X[k] > 0) / (X.shape[1] * X.shape[2]) for k in range(n_channels)]  # Eq. 2
+    total = sum(q)
+    cw = [math.log(total / q[k]) if q[k] > 0 else 0.0 for k in range(n_channels)]  # Eq. 3
+
+    vectors = []
+    for c in classes:
+        cam = np.zeros((H, Wd))
+        for k in range(K):  # Eq. 1
+            cam += W[c, k] * A[k]
+        peak = cam.max()
+        cam = np.maximum(cam / peak, 0) if peak > 0 else np.zeros_like(cam)
+        f = np.array([cw[k] * (X[k] * cam).sum() for k in range(n_channels)])  # Eq. 4
+        norm = np.sqrt((f**2).sum())
+        vectors.append(f / norm if norm > 0 else f)
+    return classes, np.array(vectors)
+
+
+def reference_descriptor(vectors: np.ndarray, mean: np.ndarray, components: np.ndarray, eigenvalues: np.ndarray):
+    """Section 3: each class vector PCA-whitened and l2-normalised, summed, l2-normalised."""
+    total = np.zeros(components.shape[0])
+    for f in vectors:
+        whitened = np.array([(f - mean) @ components[d] / math.sqrt(eigenvalues[d]) for d in range(len(components))])
+        total += whitened / np.linalg.norm(whitened)
+    return total / np.linalg.norm(total)
