@@ -43,19 +43,20 @@ class FeatureMaps:
 class Backbone(nn.Module):
     """A GAP + linear classifier cut into named stages.
 
-    ``stages`` are applied in order; the output of the last one is the CAM layer (the input of GAP). Any stage can
-    be the feature layer. The stage callables wrap modules of ``net``, which alone holds the parameters.
+    ``stages`` are ``(name, callable, stride)``, applied in order; the output of the last one is the CAM layer (the
+    input of GAP). Any stage can be the feature layer. ``stride`` is the stage's output stride in input pixels
+    (a feature cell covers ``stride x stride`` pixels), used to map query boxes onto its cells. The stage
+    callables wrap modules of ``net``, which alone holds the parameters.
     """
 
     def __init__(
         self,
         name: str,
         net: nn.Module,
-        stages: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]],
+        stages: list[tuple[str, Callable[[torch.Tensor], torch.Tensor], int]],
         classifier: nn.Linear,
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
-        stride: int,
         default_feature_layer: str,
         feature_layer: str | None = None,
         weights: str = "random",
@@ -67,16 +68,18 @@ class Backbone(nn.Module):
         self.classifier = classifier
         self.mean = mean
         self.std = std
-        self.stride = stride
         self.weights = weights
         self.cam_layer = stages[-1][0]
-        self.layer_names = [stage_name for stage_name, _ in stages]
+        self.layer_names = [stage_name for stage_name, _, _ in stages]
+        self.layer_strides = {stage_name: stride for stage_name, _, stride in stages}
         feature_layer = feature_layer or default_feature_layer
         if feature_layer not in self.layer_names:
             raise CamRetrievalError(
                 f"{name} has no layer {feature_layer!r}; choose one of: {', '.join(self.layer_names)}"
             )
         self.feature_layer = feature_layer
+        # The smallest image worth describing covers one cell of the CAM layer (the coarsest of the two).
+        self.stride = self.layer_strides[self.cam_layer]
         self.eval()
 
     @property
@@ -91,7 +94,7 @@ class Backbone(nn.Module):
     def forward(self, images: torch.Tensor) -> FeatureMaps:
         features = None
         x = images
-        for stage_name, stage in self._stages:
+        for stage_name, stage, _ in self._stages:
             x = stage(x)
             if stage_name == self.feature_layer:
                 features = x  # every stage starts with a convolution or norm, so later stages never overwrite it
@@ -218,9 +221,9 @@ def _efficientnet_lite(variant: int, weights, feature_layer, pretrained) -> Back
             state = map_efficientnet_lite_weights(state, net)
         _load_strictly(net, state, path, f"efficientnet_lite{variant}")
         weight_source = path.name
-    stages = [("stem", nn.Sequential(net.conv_stem, net.bn1))]
-    stages += [(f"blocks.{i}", stage) for i, stage in enumerate(net.blocks)]
-    stages.append(("head", nn.Sequential(net.conv_head, net.bn2)))
+    stages = [("stem", nn.Sequential(net.conv_stem, net.bn1), 2)]
+    stages += [(f"blocks.{i}", stage, stride) for i, (stage, stride) in enumerate(zip(net.blocks, (2, 4, 8, 16, 16, 32, 32)))]
+    stages.append(("head", nn.Sequential(net.conv_head, net.bn2), 32))
     return Backbone(
         name=f"efficientnet_lite{variant}",
         net=net,
@@ -228,7 +231,6 @@ def _efficientnet_lite(variant: int, weights, feature_layer, pretrained) -> Back
         classifier=net.classifier,
         mean=tuple(net.pretrained_cfg["mean"]),
         std=tuple(net.pretrained_cfg["std"]),
-        stride=32,
         default_feature_layer="head",
         feature_layer=feature_layer,
         weights=weight_source,
@@ -284,10 +286,8 @@ def _resnet50(weights=None, feature_layer=None, pretrained=True) -> Backbone:
         _load_strictly(net, _load_weight_file(path), path, "resnet50")
         weight_source = path.name
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-    stages = [("stem", stem)] + [(f"layer{i}", getattr(net, f"layer{i}")) for i in range(1, 5)]
-    return Backbone(
-        "resnet50", net, stages, net.fc, IMAGENET_MEAN, IMAGENET_STD, 32, "layer4", feature_layer, weight_source
-    )
+    stages = [("stem", stem, 4)] + [(f"layer{i}", getattr(net, f"layer{i}"), 2 ** (i + 1)) for i in range(1, 5)]
+    return Backbone("resnet50", net, stages, net.fc, IMAGENET_MEAN, IMAGENET_STD, "layer4", feature_layer, weight_source)
 
 
 # torchvision's DenseNet checkpoints predate its module names ('norm.1' is now 'norm1').
@@ -314,15 +314,15 @@ def _densenet161(weights=None, feature_layer=None, pretrained=True) -> Backbone:
         _load_strictly(net, state, path, "densenet161")
         weight_source = path.name
     blocks = net.features
-    stages = [("stem", nn.Sequential(blocks.conv0, blocks.norm0, blocks.relu0, blocks.pool0))]
+    stages = [("stem", nn.Sequential(blocks.conv0, blocks.norm0, blocks.relu0, blocks.pool0), 4)]
     for i in range(1, 5):
-        stages.append((f"denseblock{i}", getattr(blocks, f"denseblock{i}")))
+        stages.append((f"denseblock{i}", getattr(blocks, f"denseblock{i}"), 2 ** (i + 1)))
         if i < 4:
-            stages.append((f"transition{i}", getattr(blocks, f"transition{i}")))
+            stages.append((f"transition{i}", getattr(blocks, f"transition{i}"), 2 ** (i + 2)))
     # torchvision applies the final ReLU functionally before pooling; it is part of the CAM layer.
-    stages.append(("head", nn.Sequential(blocks.norm5, nn.ReLU())))
+    stages.append(("head", nn.Sequential(blocks.norm5, nn.ReLU()), 32))
     return Backbone(
-        "densenet161", net, stages, net.classifier, IMAGENET_MEAN, IMAGENET_STD, 32, "head", feature_layer, weight_source
+        "densenet161", net, stages, net.classifier, IMAGENET_MEAN, IMAGENET_STD, "head", feature_layer, weight_source
     )
 
 
@@ -357,14 +357,14 @@ def _vgg16_cam(weights=None, feature_layer=None, pretrained=True) -> Backbone:
         weight_source = path.name
     f = net.features
     stages = [
-        ("pool4", f[:24]),
-        ("relu5_1", f[24:26]),
-        ("relu5_2", f[26:28]),
-        ("relu5_3", f[28:30]),
-        ("cam", nn.Sequential(net.cam_conv, nn.ReLU())),
+        ("pool4", f[:24], 16),
+        ("relu5_1", f[24:26], 16),
+        ("relu5_2", f[26:28], 16),
+        ("relu5_3", f[28:30], 16),
+        ("cam", nn.Sequential(net.cam_conv, nn.ReLU()), 16),
     ]
     return Backbone(
-        "vgg16_cam", net, stages, net.classifier, IMAGENET_MEAN, IMAGENET_STD, 16, "relu5_1", feature_layer, weight_source
+        "vgg16_cam", net, stages, net.classifier, IMAGENET_MEAN, IMAGENET_STD, "relu5_1", feature_layer, weight_source
     )
 
 

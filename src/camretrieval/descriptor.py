@@ -23,7 +23,7 @@ from .cams import class_activation_maps, class_logits, normalize_cams, resize_ca
 from .errors import CamRetrievalError
 from .images import ImageFileDataset, check_image_size, collate_loaded, load_image, preprocess
 from .pooling import class_vectors
-from .regions import Box, box_to_cells, validate_box
+from .regions import Box, box_to_cells, scale_box, validate_box
 from .whitening import PCAWhitening, WhiteningFileError
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -60,14 +60,15 @@ def class_weighted_vectors(maps: FeatureMaps, weight: torch.Tensor, bias: torch.
     return ClassVectors(class_vectors(maps.features, cams), classes)
 
 
-def crop_maps(maps: FeatureMaps, box: Box, image_size: tuple[int, int]) -> FeatureMaps:
-    """The feature maps of a query region: each set of maps cropped to the cells that cover the box."""
+def crop_maps(maps: FeatureMaps, box: Box, strides: tuple[int, int]) -> FeatureMaps:
+    """The maps of a query region: features and CAM activations each cropped to the cells covering ``box`` (in the
+    pixels of the network's input); ``strides`` are the output strides of the feature and CAM layers."""
 
-    def crop(tensor: torch.Tensor) -> torch.Tensor:
-        col1, row1, col2, row2 = box_to_cells(box, image_size, (tensor.shape[-1], tensor.shape[-2]))
+    def crop(tensor: torch.Tensor, stride: int) -> torch.Tensor:
+        col1, row1, col2, row2 = box_to_cells(box, stride, (tensor.shape[-1], tensor.shape[-2]))
         return tensor[..., row1:row2, col1:col2]
 
-    return FeatureMaps(crop(maps.features), crop(maps.cam_activations))
+    return FeatureMaps(crop(maps.features, strides[0]), crop(maps.cam_activations, strides[1]))
 
 
 @dataclass
@@ -139,9 +140,12 @@ class Describer:
         """Class vectors of one image, or of its region ``box`` (original pixels), whose classes then come from
         the region itself: the logits of the region's pooled CAM activations."""
         picture = self.load(image)
-        maps = self.feature_maps(self.preprocess(picture).unsqueeze(0))
+        tensor = self.preprocess(picture)
+        maps = self.feature_maps(tensor.unsqueeze(0))
         if box is not None:
-            maps = crop_maps(maps, validate_box(box, *picture.size), picture.size)
+            resized_box = scale_box(validate_box(box, *picture.size), picture.size, (tensor.shape[2], tensor.shape[1]))
+            strides = self.backbone.layer_strides
+            maps = crop_maps(maps, resized_box, (strides[self.backbone.feature_layer], strides[self.backbone.cam_layer]))
         return self.class_vectors(maps, n_classes)
 
     def describe(

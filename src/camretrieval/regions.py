@@ -1,9 +1,9 @@
 """Query regions: boxes in original image pixels, mapped onto feature maps (METHOD.md section 4).
 
 A box ``(x1, y1, x2, y2)`` is given in the pixels of the original image (after EXIF orientation), x to the right and
-y down, as Oxford/Paris annotate their queries. The image is resized before the forward pass, so the box must be
-mapped through that resize: the original code divided original-pixel boxes by the network stride, about 6% off on
-Oxford. Mapping through the ratio of feature-map size to *original* image size is exact whatever the resize.
+y down, as Oxford/Paris annotate their queries. The image is resized before the forward pass, so the box is first
+scaled into the resized image, then divided by the layer's stride: the original code divided original-pixel boxes
+by the stride, forgetting the resize (about 6% off on Oxford).
 """
 
 from __future__ import annotations
@@ -51,16 +51,17 @@ def scale_box(box: Box, from_size: tuple[int, int], to_size: tuple[int, int]) ->
     return x1 * sx, y1 * sy, x2 * sx, y2 * sy
 
 
-def box_to_cells(box: Box, image_size: tuple[int, int], grid_size: tuple[int, int]) -> tuple[int, int, int, int]:
+def box_to_cells(box: Box, stride: int, grid_size: tuple[int, int]) -> tuple[int, int, int, int]:
     """The feature cells ``(col1, row1, col2, row2)`` (end-exclusive slices) that cover a box.
 
-    ``image_size`` is the (width, height) of the image the box is given in, ``grid_size`` the (width, height) of
-    the feature map of that whole image. Every cell the box touches is kept, and at least one cell.
+    ``box`` is in the pixels of the image the network saw (the resized one); a cell (i, j) of a layer of output
+    stride s covers pixels ``[s*i, s*(i+1)) x [s*j, s*(j+1))``. Every cell the box touches is kept, at least one,
+    within the ``grid_size`` (width, height) of the feature map.
     """
-    x1, y1, x2, y2 = scale_box(box, image_size, grid_size)
+    x1, y1, x2, y2 = box
     grid_w, grid_h = grid_size
-    col1 = min(max(math.floor(x1), 0), grid_w - 1)
-    row1 = min(max(math.floor(y1), 0), grid_h - 1)
-    col2 = max(min(math.ceil(x2), grid_w), col1 + 1)
-    row2 = max(min(math.ceil(y2), grid_h), row1 + 1)
+    col1 = min(max(math.floor(x1 / stride), 0), grid_w - 1)
+    row1 = min(max(math.floor(y1 / stride), 0), grid_h - 1)
+    col2 = max(min(math.ceil(x2 / stride), grid_w), col1 + 1)
+    row2 = max(min(math.ceil(y2 / stride), grid_h), row1 + 1)
     return col1, row1, col2, row2
