@@ -114,7 +114,7 @@ def run_fit_pca(args: argparse.Namespace) -> int:
     describer = Describer(backbone, size=args.size, device=args.device)
     started = time.perf_counter()
     whitening, failures = fit_whitening(
-        describer, [args.images_dir / p for p in paths], args.dim, args.npca, args.batch_size, args.workers, not args.quiet
+        describer, paths, args.images_dir, args.dim, args.npca, args.batch_size, args.workers, not args.quiet
     )
     args.pca_file.parent.mkdir(parents=True, exist_ok=True)
     whitening.save(args.pca_file)

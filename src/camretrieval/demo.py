@@ -87,7 +87,7 @@ def run_demo(workdir: Path | None = None, size: int = 512, top: int = 5) -> int:
 
         backbone = load_backbone("efficientnet_lite0")
         whitening, _ = fit_whitening(
-            Describer(backbone, size=size), [whitening_dir / p for p in find_images(whitening_dir)], dim=PCA_DIM, progress=False
+            Describer(backbone, size=size), find_images(whitening_dir), whitening_dir, dim=PCA_DIM, progress=False
         )
         whitening.save(workdir / "pca.npz")
         print(f"learned {whitening.input_dim} -> {whitening.dim} PCA-whitening on {PCA_CROPS} crops of the distractors")

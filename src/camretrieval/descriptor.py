@@ -161,23 +161,35 @@ class Describer:
     # --- folders ---
 
     def describe_files(
-        self, paths: Sequence[str | Path], batch_size: int = 16, workers: int = 2, progress: bool = True
+        self,
+        paths: Sequence[str | Path],
+        root: str | Path | None = None,
+        batch_size: int = 16,
+        workers: int = 2,
+        progress: bool = True,
     ) -> tuple[np.ndarray, list[int], list[FileFailure]]:
-        """Descriptors of many files, decoded in DataLoader workers. Returns (descriptors N_ok x dim, the
-        indices into ``paths`` that succeeded, the failures)."""
-        return self._map_files(paths, lambda maps: self.aggregate(self.class_vectors(maps)), batch_size, workers, progress)
+        """Descriptors of many files (relative to ``root`` when given), decoded in DataLoader workers. Returns
+        (descriptors N_ok x dim, the indices into ``paths`` that succeeded, the failures)."""
+        compute = lambda maps: self.aggregate(self.class_vectors(maps))  # noqa: E731
+        return self._map_files(paths, root, compute, batch_size, workers, progress)
 
     def class_vectors_of_files(
-        self, paths: Sequence[str | Path], n_classes: int, batch_size: int = 16, workers: int = 2, progress: bool = True
+        self,
+        paths: Sequence[str | Path],
+        n_classes: int,
+        root: str | Path | None = None,
+        batch_size: int = 16,
+        workers: int = 2,
+        progress: bool = True,
     ) -> tuple[np.ndarray, list[int], list[FileFailure]]:
         """The top-``n_classes`` class vectors of many files (N_ok x n_classes x K), as PCA-whitening is fit on."""
-        return self._map_files(
-            paths, lambda maps: self.class_vectors(maps, n_classes).vectors, batch_size, workers, progress
-        )
+        compute = lambda maps: self.class_vectors(maps, n_classes).vectors  # noqa: E731
+        return self._map_files(paths, root, compute, batch_size, workers, progress)
 
     def _map_files(
         self,
         paths: Sequence[str | Path],
+        root: str | Path | None,
         compute: Callable[[FeatureMaps], torch.Tensor],
         batch_size: int,
         workers: int,
@@ -186,7 +198,7 @@ class Describer:
         rows: list[np.ndarray] = []
         done: list[int] = []
         failures: list[FileFailure] = []
-        for indices, result in self._iterate_files(paths, compute, batch_size, workers, progress, failures):
+        for indices, result in self._iterate_files(paths, root, compute, batch_size, workers, progress, failures):
             rows.append(result.cpu().numpy())
             done.extend(indices)
         order = np.argsort(done, kind="stable")
@@ -196,6 +208,7 @@ class Describer:
     def _iterate_files(
         self,
         paths: Sequence[str | Path],
+        root: str | Path | None,
         compute: Callable[[FeatureMaps], torch.Tensor],
         batch_size: int,
         workers: int,
@@ -204,7 +217,8 @@ class Describer:
     ) -> Iterator[tuple[list[int], torch.Tensor]]:
         """Decode files in workers, run same-shape images together (never padded: padding would change the
         features), and yield (indices, result rows). Unusable files are reported and skipped."""
-        dataset = ImageFileDataset(paths, self.size, self.backbone.mean, self.backbone.std, self.backbone.stride)
+        backbone = self.backbone
+        dataset = ImageFileDataset(paths, self.size, backbone.mean, backbone.std, backbone.stride, root)
         loader = DataLoader(
             dataset,
             batch_size=max(batch_size, 1),
@@ -248,6 +262,7 @@ def check_whitening(whitening: PCAWhitening, settings: ExtractionSettings) -> No
 def fit_whitening(
     describer: Describer,
     paths: Sequence[str | Path],
+    root: str | Path | None = None,
     dim: int = 512,
     n_pca: int = 1,
     batch_size: int = 16,
@@ -255,7 +270,7 @@ def fit_whitening(
     progress: bool = True,
 ) -> tuple[PCAWhitening, list[FileFailure]]:
     """Learn PCA-whitening on the top-``n_pca`` class vectors of every image (METHOD.md section 3)."""
-    vectors, _, failures = describer.class_vectors_of_files(paths, n_pca, batch_size, workers, progress)
+    vectors, _, failures = describer.class_vectors_of_files(paths, n_pca, root, batch_size, workers, progress)
     if len(vectors) == 0:
         raise CamRetrievalError("no usable images to learn the PCA-whitening from")
     settings = describer.settings.to_dict() | {"n_pca": n_pca, "n_images": len(vectors), "weights": describer.backbone.weights}

@@ -112,8 +112,9 @@ class ImageFileDataset(Dataset):
     """Decodes and resizes image files (in DataLoader workers). Failures are returned, not raised, so that one bad
     file never ends a long run."""
 
-    def __init__(self, paths: list[str | Path], size: int, mean, std, min_side: int) -> None:
+    def __init__(self, paths: list[str | Path], size: int, mean, std, min_side: int, root: str | Path | None = None) -> None:
         self.paths = list(paths)
+        self.root = Path(root) if root is not None else None
         self.size, self.mean, self.std, self.min_side = size, mean, std, min_side
 
     def __len__(self) -> int:
@@ -121,7 +122,8 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, index: int) -> LoadedImage:
         try:
-            image = load_image(self.paths[index])
+            path = self.paths[index]
+            image = load_image(self.root / path if self.root is not None else path)
             check_image_size(*image.size, self.min_side)
             return LoadedImage(index, preprocess(image, self.size, self.mean, self.std), image.size)
         except ImageError as error:

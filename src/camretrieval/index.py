@@ -102,11 +102,7 @@ class Index:
         describer = Describer(
             load_backbone(backbone, weights=weights, feature_layer=feature_layer), size, n_classes, whitening, device
         )
-        descriptors, done, failures = describer.describe_files(
-            [image_root / path for path in paths], batch_size, workers, progress
-        )
-        for failure in failures:
-            failure.path = Path(failure.path).relative_to(image_root).as_posix()
+        descriptors, done, failures = describer.describe_files(paths, image_root, batch_size, workers, progress)
         if not done:
             raise CamRetrievalError(f"none of the {len(paths)} images under {image_root} could be read")
         settings = describer.settings.to_dict() | {"n_classes": n_classes, "weights": weights}

@@ -1,0 +1,172 @@
+"""The command line end to end on real photos: fit-pca, index, search (JSON and table), and its errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from camretrieval.cli import main, read_queries_file
+from camretrieval.index import Index, IndexFileError
+
+SIZE = 128  # small images keep these runs short; the defaults are exercised in test_end_to_end.py
+
+
+def camretrieval(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "camretrieval.cli", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, eth80_dir):
+    """A PCA learned on some ETH-80 objects and an index of three others, with a bad file among them."""
+    root = tmp_path_factory.mktemp("cli")
+    train, database = root / "train", root / "database"
+    for obj in ["apple1", "car1", "cow1", "dog1", "horse1", "pear1", "cup1", "tomato1"]:
+        shutil.copytree(eth80_dir / obj, train / obj)
+    for obj in ["apple2", "cup2", "horse2"]:
+        target = database / obj
+        target.mkdir(parents=True)
+        for image in sorted((eth80_dir / obj).glob("*.jpg"))[::4]:
+            shutil.copy(image, target / image.name.upper())  # upper-case extensions are images too
+    (database / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    pca = root / "pca.npz"
+    result = camretrieval("fit-pca", str(train), str(pca), "--size", str(SIZE), "--dim", "64", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    assert "learned 1280 -> 64 PCA-whitening from 328 images" in result.stdout
+    index_dir = root / "index"
+    result = camretrieval("index", str(database), str(index_dir), "--pca", str(pca), "--classes", "8")
+    assert result.returncode == 0, result.stderr
+    assert "skipped broken.jpg" in result.stderr and "skipped 1 of 34 files" in result.stderr
+    assert "indexed 33 images" in result.stdout
+    return root, database, pca, index_dir
+
+
+def test_index_folder_holds_descriptors_paths_settings(collection):
+    _, database, _, index_dir = collection
+    index = Index.open(index_dir)
+    assert len(index) == 33 and index.descriptors.shape == (33, 64)
+    assert all(not Path(p).is_absolute() and (database / p).is_file() for p in index.paths)
+    assert index.settings == {
+        "backbone": "efficientnet_lite0", "feature_layer": "head", "cam_layer": "head", "size": SIZE, "n_classes": 8,
+        "weights": None,
+    }
+    assert np.allclose(np.linalg.norm(index.descriptors, axis=1), 1, atol=1e-5)
+    header = json.loads((index_dir / "index.json").read_text())
+    assert header["image_root"] == str(database.resolve())
+
+
+def test_search_json_is_exactly_the_documented_shape(collection):
+    _, database, _, index_dir = collection
+    query = str(database / "cup2" / "CUP2-000-000.JPG")
+    result = camretrieval("search", str(index_dir), query, "--top", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    output = json.loads(result.stdout)
+    assert [sorted(entry) for entry in output] == [["query", "results"]]
+    assert output[0]["query"] == query
+    hits = output[0]["results"]
+    assert len(hits) == 5 and all(sorted(hit) == ["path", "score"] for hit in hits)
+    assert hits[0]["path"] == "cup2/CUP2-000-000.JPG" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    scores = [hit["score"] for hit in hits]
+    assert scores == sorted(scores, reverse=True)
+    assert sum(hit["path"].startswith("cup2/") for hit in hits) >= 4
+
+
+def test_many_queries_in_one_process_with_boxes_and_table(collection, tmp_path):
+    _, database, _, index_dir = collection
+    horse = database / "horse2" / "HORSE2-000-000.JPG"
+    apple = database / "apple2" / "APPLE2-000-000.JPG"
+    queries = tmp_path / "queries.txt"
+    queries.write_text(f"# ETH-80 queries\n{horse}\n\n{apple} 40 40 216 216\n")
+    result = camretrieval("search", str(index_dir), str(horse), "--queries", str(queries), "--top", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines.count(str(horse)) == 2 and str(apple) in lines
+    first_hits = [line.split() for line in lines if line.split()[:1] == ["1"]]
+    assert [hit[2] for hit in first_hits] == ["horse2/HORSE2-000-000.JPG"] * 2 + ["apple2/APPLE2-000-000.JPG"]
+    assert float(first_hits[0][1]) == pytest.approx(1.0, abs=1e-3)
+    json_run = camretrieval("search", str(index_dir), "--queries", str(queries), "--json", "--top", "3")
+    assert [entry["query"] for entry in json.loads(json_run.stdout)] == [str(horse), str(apple)]
+
+
+def test_box_query_uses_the_region(collection):
+    _, database, _, index_dir = collection
+    query = database / "apple2" / "APPLE2-000-000.JPG"
+    index = Index.open(index_dir)
+    whole = index.describer.describe([query])
+    region = index.describer.describe([query], [(0, 0, 128, 128)])
+    assert not np.allclose(whole, region)
+    hits = index.search([query], [(0, 0, 256, 256)], top=1)  # the whole 256 x 256 image as a box
+    assert hits[0][0].path == "apple2/APPLE2-000-000.JPG" and hits[0][0].score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_queries_file_parsing(tmp_path):
+    file = tmp_path / "q.txt"
+    file.write_text("a.jpg\nmy photo 2.jpg 1 2 30 40.5\n  # comment\nweird name 1.jpg\n")
+    assert read_queries_file(file) == [("a.jpg", None), ("my photo 2.jpg", (1, 2, 30, 40.5)), ("weird name 1.jpg", None)]
+    file.write_text("a.jpg 1 2 3\n")
+    with pytest.raises(Exception, match="four numbers"):
+        read_queries_file(file)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--box", "10,10,5,50"], "is empty"),
+        (["--box", "300,300,400,400"], "outside the 256x256 image"),
+        (["--box", "1,2,3"], "four numbers"),
+    ],
+)
+def test_bad_boxes_are_clear_errors(collection, args, message):
+    _, database, _, index_dir = collection
+    result = camretrieval("search", str(index_dir), str(database / "cup2" / "CUP2-000-000.JPG"), *args)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_box_with_several_queries_is_refused(collection):
+    _, database, _, index_dir = collection
+    query = str(database / "cup2" / "CUP2-000-000.JPG")
+    result = camretrieval("search", str(index_dir), query, query, "--box", "1,1,20,20")
+    assert result.returncode == 2 and "--box goes with exactly one QUERY" in result.stderr
+
+
+def test_unreadable_query_is_reported_and_others_still_answered(collection, tmp_path):
+    _, database, _, index_dir = collection
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("nope")
+    good = str(database / "cup2" / "CUP2-000-000.JPG")
+    result = camretrieval("search", str(index_dir), str(bad), good, "--json")
+    assert result.returncode == 1 and "bad.jpg" in result.stderr
+    assert [entry["query"] for entry in json.loads(result.stdout)] == [good]
+
+
+def test_missing_or_incompatible_pca_and_index_are_clear_errors(collection, tmp_path, capsys):
+    root, database, pca, index_dir = collection
+    assert main(["index", str(database), str(tmp_path / "i"), "--pca", str(tmp_path / "none.npz")]) == 2
+    assert "camretrieval fit-pca" in capsys.readouterr().err
+    assert main(["index", str(database), str(tmp_path / "i"), "--pca", str(pca), "--size", "160"]) == 2
+    assert "size: learned with 128, used with 160" in capsys.readouterr().err
+    assert main(["index", str(database), str(tmp_path / "i"), "--pca", str(pca), "--backbone", "efficientnet_lite1"]) == 2
+    assert "backbone: learned with 'efficientnet_lite0', used with 'efficientnet_lite1'" in capsys.readouterr().err
+    assert main(["search", str(tmp_path / "nowhere"), "q.jpg"]) == 2
+    assert "no camretrieval index" in capsys.readouterr().err
+    broken = tmp_path / "broken_index"
+    shutil.copytree(index_dir, broken)
+    (broken / "descriptors.npy").unlink()
+    with pytest.raises(IndexFileError, match="incomplete or damaged"):
+        Index.open(broken)
+    header = json.loads((index_dir / "index.json").read_text())
+    (broken / "index.json").write_text(json.dumps(header | {"version": 99}))
+    with pytest.raises(IndexFileError, match="rebuild it"):
+        Index.open(broken)
+
+
+def test_empty_folder_is_a_clear_error(collection, tmp_path, capsys):
+    _, _, pca, _ = collection
+    (tmp_path / "empty").mkdir()
+    assert main(["index", str(tmp_path / "empty"), str(tmp_path / "i"), "--pca", str(pca)]) == 2
+    assert "no images" in capsys.readouterr().err
