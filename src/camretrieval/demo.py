@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from .descriptor import Describer, fit_whitening
+from .descriptor import DEFAULT_SIZE, Describer, fit_whitening
 from .backbones import load_backbone
 from .evaluation import average_precision
 from .images import find_images
@@ -78,7 +78,7 @@ def write_demo_images(workdir: Path) -> tuple[Path, Path, Path]:
     return database, queries, whitening
 
 
-def run_demo(workdir: Path | None = None, size: int = 512, top: int = 5) -> int:
+def run_demo(workdir: Path | None = None, size: int = DEFAULT_SIZE, top: int = 5) -> int:
     with tempfile.TemporaryDirectory(prefix="camretrieval-demo-") as temporary:
         workdir = Path(workdir) if workdir else Path(temporary)
         started = time.perf_counter()

@@ -27,7 +27,7 @@ from .regions import Box, box_to_cells, scale_box, validate_box
 from .whitening import PCAWhitening, WhiteningFileError
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
-DEFAULT_SIZE = 512
+DEFAULT_SIZE = 448
 DEFAULT_CLASSES = 64
 
 
