@@ -6,6 +6,7 @@ Two real sets, PCA-whitening always learned on other images than those searched:
 - clutter: objects pasted in cluttered 480 x 640 scenes, queried with their boxes; PCA on all of eth80-dev.
 
     python benchmarks/size_sweep.py --sizes 224 320 448 512 720 [--data ../shared/data] [--sets eth80 clutter]
+    python benchmarks/size_sweep.py --sizes 448 --feature-layer blocks.5   # another feature layer
 """
 
 from __future__ import annotations
@@ -48,13 +49,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--sets", nargs="+", default=["eth80", "clutter"])
     parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--feature-layer", default=None, help="pool another layer than the backbone's default")
     args = parser.parse_args()
-    backbone = load_backbone(args.backbone)
+    backbone = load_backbone(args.backbone, feature_layer=args.feature_layer)
     eth80 = args.data / "eth80-dev"
     train, test = eth80_split(eth80)
     rows = []
     for size in args.sizes:
-        row = {"size": size}
+        row = {"size": size, "feature_layer": backbone.feature_layer}
         if "eth80" in args.sets:
             whitening, _ = fit_whitening(Describer(backbone, size), train, eth80, progress=False)
             row["eth80_map"], row["eth80_s_per_image"] = evaluate(

@@ -49,7 +49,8 @@ def test_real_photos_match_the_plain_reference(lite0, landmarks_dir, eth80_dir, 
     box = (100.0, 80.0, 700.0, 500.0)
     region = describer.describe([photos[0]], [box])[0]
     assert region == pytest.approx(_reference(describer, photos[0], box), abs=2e-4)
-    assert not np.allclose(region, ours[0], atol=1e-2)
+    whole, part = describer.image_class_vectors(photos[0]), describer.image_class_vectors(photos[0], box)
+    assert set(part.classes[0, :5].tolist()) != set(whole.classes[0, :5].tolist())
     # Batched extraction over files gives the same descriptors as one image at a time.
     batched, done, failures = describer.describe_files(photos, batch_size=4, workers=2, progress=False)
     assert done == [0, 1, 2, 3] and not failures
@@ -57,9 +58,9 @@ def test_real_photos_match_the_plain_reference(lite0, landmarks_dir, eth80_dir, 
 
 
 def test_eth80_pca_on_some_objects_index_and_query_the_others(lite0, eth80_dir, tmp_path):
-    """Default settings end to end: PCA-whitening (512-d) learned on 16 objects, 8 others indexed and queried."""
+    """Default settings end to end: PCA-whitening (512-d) learned on 32 objects, 8 others indexed and queried."""
     objects = sorted(p.name for p in eth80_dir.iterdir() if p.is_dir())
-    held_out = objects[1::5] + objects[3::5]  # 8 objects, one or two per category
+    held_out = objects[2::5]  # 8 objects, one per category
     training = [p for p in find_images(eth80_dir) if p.split("/")[0] not in held_out][::2]  # 656 images
     whitening, failures = fit_whitening(Describer(lite0), training, eth80_dir, progress=False)
     assert not failures and whitening.dim == 512

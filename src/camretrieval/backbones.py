@@ -80,7 +80,8 @@ class Backbone(nn.Module):
         self.feature_layer = feature_layer
         # The smallest image worth describing covers one cell of the CAM layer (the coarsest of the two).
         self.stride = self.layer_strides[self.cam_layer]
-        self.eval()
+        # Retrieval never trains the network: no autograd state on any weight.
+        self.eval().requires_grad_(False)
 
     @property
     def classifier_weight(self) -> torch.Tensor:
