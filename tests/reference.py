@@ -43,3 +43,27 @@ def reference_descriptor(vectors: np.ndarray, mean: np.ndarray, components: np.n
         whitened = np.array([(f - mean) @ components[d] / math.sqrt(eigenvalues[d]) for d in range(len(components))])
         total += whitened / np.linalg.norm(whitened)
     return total / np.linalg.norm(total)
+
+
+# --- Baselines (METHOD.md section 8), one image X: K x H x W, plain loops over channels and cells. ---
+
+
+def reference_sum(X: np.ndarray) -> np.ndarray:
+    return np.array([sum(X[k, i, j] for i in range(X.shape[1]) for j in range(X.shape[2])) for k in range(len(X))])
+
+
+def reference_crow(X: np.ndarray) -> np.ndarray:
+    K, H, Wd = X.shape
+    s_prime = np.array([[sum(X[k, i, j] for k in range(K)) for j in range(Wd)] for i in range(H)])
+    S = np.sqrt(s_prime / math.sqrt((s_prime**2).sum()))
+    q = [np.count_nonzero(X[k] > 0) / (H * Wd) for k in range(K)]
+    cw = [math.log(sum(q) / q[k]) if q[k] > 0 else 0.0 for k in range(K)]
+    return np.array([cw[k] * sum(X[k, i, j] * S[i, j] for i in range(H) for j in range(Wd)) for k in range(K)])
+
+
+def reference_mac(X: np.ndarray) -> np.ndarray:
+    return np.array([max(X[k].ravel()) for k in range(len(X))])
+
+
+def reference_gem(X: np.ndarray, p: float = 3.0) -> np.ndarray:
+    return np.array([(sum(v**p for v in X[k].ravel()) / X[k].size) ** (1 / p) for k in range(len(X))])

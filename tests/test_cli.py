@@ -52,7 +52,8 @@ def test_index_folder_holds_descriptors_paths_settings(collection):
     assert len(index) == 33 and index.descriptors.shape == (33, 64)
     assert all(not Path(p).is_absolute() and (database / p).is_file() for p in index.paths)
     assert index.settings == {
-        "backbone": "efficientnet_lite0", "feature_layer": "head", "cam_layer": "head", "size": SIZE, "n_classes": 8,
+        "backbone": "efficientnet_lite0", "feature_layer": "head", "cam_layer": "head", "size": SIZE, "pooling": "cam",
+        "n_classes": 8,
         "weights": None,
     }
     assert np.allclose(np.linalg.norm(index.descriptors, axis=1), 1, atol=1e-5)

@@ -49,7 +49,7 @@ def test_real_photos_match_the_plain_reference(lite0, landmarks_dir, eth80_dir, 
     box = (100.0, 80.0, 700.0, 500.0)
     region = describer.describe([photos[0]], [box])[0]
     assert region == pytest.approx(_reference(describer, photos[0], box), abs=2e-4)
-    whole, part = describer.image_class_vectors(photos[0]), describer.image_class_vectors(photos[0], box)
+    whole, part = describer.image_vectors(photos[0]), describer.image_vectors(photos[0], box)
     assert set(part.classes[0, :5].tolist()) != set(whole.classes[0, :5].tolist())
     # Batched extraction over files gives the same descriptors as one image at a time.
     batched, done, failures = describer.describe_files(photos, batch_size=4, workers=2, progress=False)

@@ -104,8 +104,10 @@ def test_bad_files_in_a_folder_are_reported_skipped_and_counted(tmp_path, lite0,
     _photo((20, 20)).save(folder / "tiny.png")
     paths = [folder / p for p in find_images(folder)]
     describer = Describer(lite0, size=64, n_classes=4)
-    vectors, done, failures = describer.class_vectors_of_files(paths, n_classes=2, batch_size=4, workers=2)
-    assert vectors.shape == (4, 2, 1280)
+    vectors, owners, failures = describer.vectors_of_files(paths, n_classes=2, batch_size=4, workers=2)
+    assert vectors.shape == (8, 1280)
+    done = owners[::2].tolist()
+    assert owners.tolist() == np.repeat(done, 2).tolist()
     assert sorted(paths[i].name for i in done) == ["good0.jpg", "good1.jpg", "good2.jpg", "same_shape_as_good0.png"]
     assert done == sorted(done)
     reasons = {f.path.split("/")[-1]: f.reason for f in failures}
@@ -113,5 +115,5 @@ def test_bad_files_in_a_folder_are_reported_skipped_and_counted(tmp_path, lite0,
     assert "empty" in reasons["empty.jpg"] and "too small" in reasons["tiny.png"]
     assert "skipped" in capsys.readouterr().err
     # Batched, grouped by shape, the result is the same as one image at a time.
-    one_by_one = [describer.image_class_vectors(paths[i], n_classes=2).vectors[0].numpy() for i in done]
-    assert np.allclose(vectors, np.stack(one_by_one), atol=1e-5)
+    one_by_one = [describer.image_vectors(paths[i], n_classes=2).vectors[0].numpy() for i in done]
+    assert np.allclose(vectors, np.concatenate(one_by_one), atol=1e-5)

@@ -13,7 +13,15 @@ A notebook session::
 """
 
 from .backbones import Backbone, FeatureMaps, imagenet_class_names, list_backbones, load_backbone, register_backbone
-from .descriptor import ClassVectors, Describer, ExtractionSettings, class_weighted_vectors, fit_whitening
+from .descriptor import (
+    POOLINGS,
+    Describer,
+    ExtractionSettings,
+    PooledVectors,
+    class_weighted_vectors,
+    fit_whitening,
+    pooled_vectors,
+)
 from .errors import CamRetrievalError
 from .index import Index, SearchHit
 from .whitening import PCAWhitening
@@ -23,17 +31,19 @@ __version__ = "0.1.0"
 __all__ = [
     "Backbone",
     "CamRetrievalError",
-    "ClassVectors",
     "Describer",
     "ExtractionSettings",
     "FeatureMaps",
     "Index",
     "PCAWhitening",
+    "POOLINGS",
+    "PooledVectors",
     "SearchHit",
     "class_weighted_vectors",
     "fit_whitening",
     "imagenet_class_names",
     "list_backbones",
+    "pooled_vectors",
     "load_backbone",
     "register_backbone",
 ]

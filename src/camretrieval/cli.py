@@ -10,7 +10,16 @@ import time
 from pathlib import Path
 
 from .backbones import list_backbones, load_backbone
-from .descriptor import DEFAULT_BACKBONE, DEFAULT_CLASSES, DEFAULT_SIZE, Describer, FileFailure, fit_whitening
+from .descriptor import (
+    DEFAULT_BACKBONE,
+    DEFAULT_CLASSES,
+    DEFAULT_POOLING,
+    DEFAULT_SIZE,
+    POOLINGS,
+    Describer,
+    FileFailure,
+    fit_whitening,
+)
 from .errors import CamRetrievalError
 from .images import find_images
 from .index import Index
@@ -37,6 +46,14 @@ def _add_extraction_options(parser: argparse.ArgumentParser, defaults_from_pca: 
         type=int,
         default=None if defaults_from_pca else DEFAULT_SIZE,
         help=f"shorter image side in pixels, aspect kept{default_note or f' (default: {DEFAULT_SIZE})'}",
+    )
+    parser.add_argument(
+        "--pooling",
+        choices=list(POOLINGS),
+        default=None if defaults_from_pca else DEFAULT_POOLING,
+        help="how the maps are pooled: cam (the paper's class weighting) or a baseline: "
+        + "; ".join(f"{name}: {text}" for name, text in POOLINGS.items() if name != "cam")
+        + (default_note or f" (default: {DEFAULT_POOLING})"),
     )
     parser.add_argument("--batch-size", type=int, default=16, help="images decoded per DataLoader batch (default: 16)")
     parser.add_argument(
@@ -111,7 +128,7 @@ def run_fit_pca(args: argparse.Namespace) -> int:
     if not paths:
         raise CamRetrievalError(f"no images under {args.images_dir}")
     backbone = load_backbone(args.backbone, weights=args.weights, feature_layer=args.feature_layer)
-    describer = Describer(backbone, size=args.size, device=args.device)
+    describer = Describer(backbone, size=args.size, device=args.device, pooling=args.pooling)
     started = time.perf_counter()
     whitening, failures = fit_whitening(
         describer, paths, args.images_dir, args.dim, args.npca, args.batch_size, args.workers, not args.quiet
@@ -121,7 +138,7 @@ def run_fit_pca(args: argparse.Namespace) -> int:
     _report_failures(failures, len(paths))
     print(
         f"learned {whitening.input_dim} -> {whitening.dim} PCA-whitening from {len(paths) - len(failures)} images "
-        f"({args.backbone}, size {args.size}) in {time.perf_counter() - started:.1f} s: {args.pca_file}"
+        f"({args.backbone}, size {args.size}, pooling {args.pooling}) in {time.perf_counter() - started:.1f} s: {args.pca_file}"
     )
     return 0
 
@@ -142,6 +159,7 @@ def run_index(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         progress=not args.quiet,
+        pooling=args.pooling or learned.get("pooling", DEFAULT_POOLING),
     )
     index.save(args.index_dir)
     elapsed = time.perf_counter() - started

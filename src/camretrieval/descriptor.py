@@ -1,7 +1,8 @@
 """The class-weighted descriptor, end to end: image -> features and CAMs -> class vectors -> D_I.
 
-:func:`class_weighted_vectors` composes METHOD.md sections 1-2 on a batch of feature maps; :class:`Describer` adds
-image loading, resizing, query boxes, batching over files in DataLoader workers, and the aggregation of section 3.
+:func:`class_weighted_vectors` composes METHOD.md sections 1-2 on a batch of feature maps; :func:`pooled_vectors`
+puts the baselines of the paper's tables beside it (``pooling``); :class:`Describer` adds image loading, resizing,
+query boxes, batching over files in DataLoader workers, and the aggregation of section 3.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -22,13 +24,25 @@ from .backbones import Backbone, FeatureMaps, load_backbone
 from .cams import class_activation_maps, class_logits, normalize_cams, resize_cams, top_classes
 from .errors import CamRetrievalError
 from .images import ImageFileDataset, check_image_size, collate_loaded, load_image, preprocess
-from .pooling import class_vectors
+from .pooling import channel_weights, class_vectors, crow_pooling, gem_pooling, max_pooling, regional_max_pooling, sum_pooling
 from .regions import Box, box_to_cells, scale_box, validate_box
 from .whitening import PCAWhitening, WhiteningFileError
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_SIZE = 448
 DEFAULT_CLASSES = 64
+DEFAULT_POOLING = "cam"
+
+# How an image's maps become the vectors that are whitened, l2-normalised and summed into D_I (section 3).
+POOLINGS = {
+    "cam": "class-weighted: one vector per top class (Eq. 4), the paper's method",
+    "sum": "sum pooling of the raw features (SPoC without centre prior, the paper's 'raw')",
+    "sum-cw": "sum pooling times the CroW channel weights (the paper's 'raw + CroW')",
+    "crow": "CroW: spatial and channel weights",
+    "mac": "MAC: max pooling",
+    "gem": "GeM: generalised mean, p = 3",
+    "rmac": "R-MAC: max pooling of a 3-level grid of regions, each region whitened",
+}
 
 
 @dataclass(frozen=True)
@@ -39,25 +53,45 @@ class ExtractionSettings:
     feature_layer: str
     cam_layer: str
     size: int
+    pooling: str = DEFAULT_POOLING
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 @dataclass
-class ClassVectors:
-    """Class vectors f^c of a batch (B x N_c x K, each l2-normalised) and the classes they belong to (B x N_c)."""
+class PooledVectors:
+    """The vectors a batch of images is aggregated from (B x N x K, each l2-normalised): the class vectors f^c of
+    the top N = N_c classes (pooling "cam", ``classes`` B x N_c), or for a baseline one vector per image or per
+    R-MAC region (``classes`` None)."""
 
     vectors: torch.Tensor
-    classes: torch.Tensor
+    classes: torch.Tensor | None = None
 
 
-def class_weighted_vectors(maps: FeatureMaps, weight: torch.Tensor, bias: torch.Tensor | None, n_classes: int) -> ClassVectors:
+def class_weighted_vectors(maps: FeatureMaps, weight: torch.Tensor, bias: torch.Tensor | None, n_classes: int) -> PooledVectors:
     """METHOD.md sections 1-2 on a batch: top-N_c classes, their CAMs (Eq. 1, normalised), and Eq. 2-4."""
     classes = top_classes(class_logits(maps.cam_activations, weight, bias), n_classes)
     cams = normalize_cams(class_activation_maps(maps.cam_activations, weight, classes))
     cams = resize_cams(cams, tuple(maps.features.shape[-2:]))
-    return ClassVectors(class_vectors(maps.features, cams), classes)
+    return PooledVectors(class_vectors(maps.features, cams), classes)
+
+
+_BASELINES = {"sum": sum_pooling, "sum-cw": lambda x: sum_pooling(x) * channel_weights(x), "crow": crow_pooling,
+              "mac": max_pooling, "gem": gem_pooling}
+
+
+def pooled_vectors(
+    maps: FeatureMaps, pooling: str, weight: torch.Tensor, bias: torch.Tensor | None, n_classes: int
+) -> PooledVectors:
+    """The vectors of ``pooling`` (see :data:`POOLINGS`) on a batch of maps; ``n_classes`` only matters for "cam"."""
+    if pooling == "cam":
+        return class_weighted_vectors(maps, weight, bias, n_classes)
+    if pooling == "rmac":
+        return PooledVectors(F.normalize(regional_max_pooling(maps.features), dim=-1))
+    if pooling not in _BASELINES:
+        raise CamRetrievalError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
+    return PooledVectors(F.normalize(_BASELINES[pooling](maps.features), dim=-1).unsqueeze(1))
 
 
 def crop_maps(maps: FeatureMaps, box: Box, strides: tuple[int, int]) -> FeatureMaps:
@@ -92,7 +126,10 @@ class Describer:
         n_classes: int = DEFAULT_CLASSES,
         whitening: PCAWhitening | None = None,
         device: str | torch.device = "cpu",
+        pooling: str = DEFAULT_POOLING,
     ) -> None:
+        if pooling not in POOLINGS:
+            raise CamRetrievalError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
         if size < backbone.stride:
             raise CamRetrievalError(f"--size {size} is smaller than one feature cell ({backbone.stride} px)")
         if n_classes < 1:
@@ -101,7 +138,8 @@ class Describer:
         self.backbone = backbone.to(self.device).eval()
         self.size = size
         self.n_classes = n_classes
-        self.settings = ExtractionSettings(backbone.name, backbone.feature_layer, backbone.cam_layer, size)
+        self.pooling = pooling
+        self.settings = ExtractionSettings(backbone.name, backbone.feature_layer, backbone.cam_layer, size, pooling)
         self.whitening = whitening
         if whitening is not None:
             check_whitening(whitening, self.settings)
@@ -112,15 +150,19 @@ class Describer:
     def feature_maps(self, images: torch.Tensor) -> FeatureMaps:
         return self.backbone(images.to(self.device))
 
-    def class_vectors(self, maps: FeatureMaps, n_classes: int | None = None) -> ClassVectors:
+    def pooled_vectors(self, maps: FeatureMaps, n_classes: int | None = None) -> PooledVectors:
+        """The vectors of this describer's pooling: class vectors of the top ``n_classes`` (default N_c)."""
         with torch.inference_mode():
-            return class_weighted_vectors(
-                maps, self.backbone.classifier_weight, self.backbone.classifier_bias, n_classes or self.n_classes
+            return pooled_vectors(
+                maps,
+                self.pooling,
+                self.backbone.classifier_weight,
+                self.backbone.classifier_bias,
+                n_classes or self.n_classes,
             )
 
-    def aggregate(self, vectors: ClassVectors) -> torch.Tensor:
-        if self.whitening is None:
-            raise CamRetrievalError("descriptors need a PCA-whitening: pass whitening=PCAWhitening.load(...)")
+    def aggregate(self, vectors: PooledVectors) -> torch.Tensor:
+        """D_I of each image (section 3); without a whitening, the l2-normalised sum of the vectors as they are."""
         with torch.inference_mode():
             return aggregate(vectors.vectors, self.whitening)
 
@@ -134,10 +176,10 @@ class Describer:
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return preprocess(image, self.size, self.backbone.mean, self.backbone.std)
 
-    def image_class_vectors(
+    def image_vectors(
         self, image: str | Path | Image.Image, box: Box | None = None, n_classes: int | None = None
-    ) -> ClassVectors:
-        """Class vectors of one image, or of its region ``box`` (original pixels), whose classes then come from
+    ) -> PooledVectors:
+        """Pooled vectors of one image, or of its region ``box`` (original pixels), whose classes then come from
         the region itself: the logits of the region's pooled CAM activations."""
         picture = self.load(image)
         tensor = self.preprocess(picture)
@@ -146,7 +188,7 @@ class Describer:
             resized_box = scale_box(validate_box(box, *picture.size), picture.size, (tensor.shape[2], tensor.shape[1]))
             strides = self.backbone.layer_strides
             maps = crop_maps(maps, resized_box, (strides[self.backbone.feature_layer], strides[self.backbone.cam_layer]))
-        return self.class_vectors(maps, n_classes)
+        return self.pooled_vectors(maps, n_classes)
 
     def describe(
         self, images: Sequence[str | Path | Image.Image], boxes: Sequence[Box | None] | None = None
@@ -155,7 +197,7 @@ class Describer:
         boxes = boxes if boxes is not None else [None] * len(images)
         if len(boxes) != len(images):
             raise CamRetrievalError(f"{len(images)} images but {len(boxes)} boxes")
-        rows = [self.aggregate(self.image_class_vectors(image, box)) for image, box in zip(images, boxes)]
+        rows = [self.aggregate(self.image_vectors(image, box)) for image, box in zip(images, boxes)]
         return torch.cat(rows).cpu().numpy().astype(np.float32)
 
     # --- folders ---
@@ -170,10 +212,10 @@ class Describer:
     ) -> tuple[np.ndarray, list[int], list[FileFailure]]:
         """Descriptors of many files (relative to ``root`` when given), decoded in DataLoader workers. Returns
         (descriptors N_ok x dim, the indices into ``paths`` that succeeded, the failures)."""
-        compute = lambda maps: self.aggregate(self.class_vectors(maps))  # noqa: E731
+        compute = lambda maps: self.aggregate(self.pooled_vectors(maps))  # noqa: E731
         return self._map_files(paths, root, compute, batch_size, workers, progress)
 
-    def class_vectors_of_files(
+    def vectors_of_files(
         self,
         paths: Sequence[str | Path],
         n_classes: int,
@@ -181,10 +223,25 @@ class Describer:
         batch_size: int = 16,
         workers: int = 2,
         progress: bool = True,
-    ) -> tuple[np.ndarray, list[int], list[FileFailure]]:
-        """The top-``n_classes`` class vectors of many files (N_ok x n_classes x K), as PCA-whitening is fit on."""
-        compute = lambda maps: self.class_vectors(maps, n_classes).vectors  # noqa: E731
-        return self._map_files(paths, root, compute, batch_size, workers, progress)
+    ) -> tuple[np.ndarray, np.ndarray, list[FileFailure]]:
+        """The pooled vectors of many files, as PCA-whitening is fit on: the top-``n_classes`` class vectors (or
+        each R-MAC region, or one per image). Returns (vectors M x K, the index in ``paths`` of each vector's image,
+        failures), by image in path order."""
+        vectors, owners = [], []
+        failures: list[FileFailure] = []
+        compute = lambda maps: self.pooled_vectors(maps, n_classes).vectors  # noqa: E731
+        for indices, result in self._iterate_files(paths, root, compute, batch_size, workers, progress, failures):
+            for index, rows in zip(indices, result.cpu().numpy()):
+                vectors.append(rows)
+                owners.append(np.full(len(rows), index))
+        if not vectors:
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), failures
+        order = np.argsort([int(o[0]) for o in owners], kind="stable")
+        return (
+            np.concatenate([vectors[i] for i in order]).astype(np.float32),
+            np.concatenate([owners[i] for i in order]),
+            failures,
+        )
 
     def _map_files(
         self,
@@ -269,10 +326,12 @@ def fit_whitening(
     workers: int = 2,
     progress: bool = True,
 ) -> tuple[PCAWhitening, list[FileFailure]]:
-    """Learn PCA-whitening on the top-``n_pca`` class vectors of every image (METHOD.md section 3)."""
-    vectors, _, failures = describer.class_vectors_of_files(paths, n_pca, root, batch_size, workers, progress)
+    """Learn PCA-whitening on the top-``n_pca`` class vectors of every image (METHOD.md section 3), or for a
+    baseline pooling on its vectors (every region for R-MAC)."""
+    vectors, owners, failures = describer.vectors_of_files(paths, n_pca, root, batch_size, workers, progress)
     if len(vectors) == 0:
         raise CamRetrievalError("no usable images to learn the PCA-whitening from")
-    settings = describer.settings.to_dict() | {"n_pca": n_pca, "n_images": len(vectors), "weights": describer.backbone.weights}
-    whitening = PCAWhitening(dim, settings).fit(vectors.reshape(-1, vectors.shape[-1]))
+    n_images = len(np.unique(owners))
+    settings = describer.settings.to_dict() | {"n_pca": n_pca, "n_images": n_images, "weights": describer.backbone.weights}
+    whitening = PCAWhitening(dim, settings).fit(vectors)
     return whitening, failures

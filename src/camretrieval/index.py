@@ -5,7 +5,7 @@ On disk, an index folder holds (none of them a pickle):
 - ``index.json``: format version, extraction settings, number of classes, the indexed folder, counts;
 - ``paths.json``: image paths relative to the indexed folder, in descriptor order;
 - ``descriptors.npy``: N x dim float32, l2-normalised;
-- ``whitening.npz``: the PCA-whitening the descriptors were made with (queries need it too);
+- ``whitening.npz``: the PCA-whitening the descriptors were made with (queries need it too), absent when none;
 - ``faiss.index``: an exact inner-product FAISS index (cosine similarity, as the descriptors are l2-normalised).
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .backbones import load_backbone
-from .descriptor import DEFAULT_BACKBONE, DEFAULT_CLASSES, DEFAULT_SIZE, Describer, FileFailure
+from .descriptor import DEFAULT_BACKBONE, DEFAULT_CLASSES, DEFAULT_POOLING, DEFAULT_SIZE, Describer, FileFailure
 from .errors import CamRetrievalError
 from .images import find_images
 from .regions import Box
@@ -53,7 +53,7 @@ class Index:
         self,
         descriptors: np.ndarray,
         paths: Sequence[str],
-        whitening: PCAWhitening,
+        whitening: PCAWhitening | None,
         settings: dict,
         image_root: str | Path | None = None,
         faiss_index: faiss.Index | None = None,
@@ -82,7 +82,7 @@ class Index:
     def build(
         cls,
         image_root: str | Path,
-        whitening: PCAWhitening,
+        whitening: PCAWhitening | None,
         backbone: str = DEFAULT_BACKBONE,
         weights: str | Path | None = None,
         feature_layer: str | None = None,
@@ -92,15 +92,24 @@ class Index:
         workers: int = 2,
         device: str = "cpu",
         progress: bool = True,
+        pooling: str = DEFAULT_POOLING,
     ) -> tuple["Index", list[FileFailure]]:
-        """Describe every image under ``image_root`` (recursively). Returns the index and the files skipped."""
+        """Describe every image under ``image_root`` (recursively). Returns the index and the files skipped.
+
+        ``whitening`` None makes unwhitened descriptors (the "raw" baselines); ``pooling`` picks a baseline
+        instead of the class-weighted descriptor (see ``camretrieval.descriptor.POOLINGS``)."""
         image_root = Path(image_root)
         paths = find_images(image_root)
         if not paths:
             raise CamRetrievalError(f"no images (jpg, jpeg, png, webp, bmp, tif, tiff) under {image_root}")
         weights = str(Path(weights).resolve()) if weights else None
         describer = Describer(
-            load_backbone(backbone, weights=weights, feature_layer=feature_layer), size, n_classes, whitening, device
+            load_backbone(backbone, weights=weights, feature_layer=feature_layer),
+            size,
+            n_classes,
+            whitening,
+            device,
+            pooling,
         )
         descriptors, done, failures = describer.describe_files(paths, image_root, batch_size, workers, progress)
         if not done:
@@ -122,11 +131,13 @@ class Index:
             "image_root": str(self.image_root) if self.image_root else None,
             "count": len(self),
             "dim": int(self.descriptors.shape[1]),
+            "whitened": self.whitening is not None,
         }
         # Write each file beside its final name, then rename: a crash never leaves a half-written file in place.
         _write_atomically(index_dir / "descriptors.npy", lambda f: np.save(f, self.descriptors))
         _write_atomically(index_dir / "paths.json", lambda f: f.write(json.dumps(self.paths).encode()))
-        _write_atomically(index_dir / "whitening.npz", self.whitening.save)
+        if self.whitening is not None:
+            _write_atomically(index_dir / "whitening.npz", self.whitening.save)
         _write_atomically(index_dir / "faiss.index", lambda f: f.write(faiss.serialize_index(self.faiss_index).tobytes()))
         _write_atomically(index_dir / "index.json", lambda f: f.write(json.dumps(header, indent=2).encode()))
 
@@ -154,7 +165,7 @@ class Index:
         try:
             descriptors = np.load(index_dir / "descriptors.npy", allow_pickle=False)
             paths = json.loads((index_dir / "paths.json").read_text())
-            whitening = PCAWhitening.load(index_dir / "whitening.npz")
+            whitening = PCAWhitening.load(index_dir / "whitening.npz") if header.get("whitened", True) else None
             faiss_index = faiss.deserialize_index(np.fromfile(index_dir / "faiss.index", dtype=np.uint8))
         except (OSError, ValueError, RuntimeError, CamRetrievalError) as error:
             raise IndexFileError(f"the index at {index_dir} is incomplete or damaged ({error}): rebuild it") from error
@@ -173,7 +184,9 @@ class Index:
         if self._describer is None:
             s = self.settings
             backbone = load_backbone(s["backbone"], weights=s.get("weights"), feature_layer=s["feature_layer"])
-            self._describer = Describer(backbone, s["size"], s["n_classes"], self.whitening, self.device)
+            self._describer = Describer(
+                backbone, s["size"], s["n_classes"], self.whitening, self.device, s.get("pooling", DEFAULT_POOLING)
+            )
         return self._describer
 
     def search_descriptors(self, queries: np.ndarray, top: int = 10) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,9 @@
-"""Channel weighting and class-weighted sum pooling (METHOD.md section 2, Eq. 2-4)."""
+"""Pooling of convolutional features: the class-weighted sum pooling of the paper (METHOD.md section 2, Eq. 2-4)
+and the baselines it is compared with (section 8)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -31,3 +34,72 @@ def class_vectors(features: torch.Tensor, cams: torch.Tensor) -> torch.Tensor:
     """
     pooled = weighted_sum_pooling(features, cams) * channel_weights(features).unsqueeze(1)
     return F.normalize(pooled, dim=-1)
+
+
+# --- Baselines of the paper's Tables 1 and 2 (METHOD.md section 8), on the same feature maps. ---
+# Each takes B x K x H x W and returns unnormalised B x K (or B x R x K for regions); callers l2-normalise.
+
+
+def sum_pooling(features: torch.Tensor) -> torch.Tensor:
+    """SPoC without centre prior (the paper's "raw" features): ``sum_ij X_k(i, j)``."""
+    return features.sum(dim=(2, 3))
+
+
+def spatial_weights(features: torch.Tensor) -> torch.Tensor:
+    """CroW spatial weights ``S = (sum_k X_k / ||sum_k X_k||_2)^(1/2)``. B x K x H x W -> B x H x W."""
+    aggregated = features.sum(dim=1)
+    norm = aggregated.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return (aggregated / norm[:, None, None]).clamp_min(0).sqrt()
+
+
+def crow_pooling(features: torch.Tensor) -> torch.Tensor:
+    """CroW: spatially weighted sum pooling times the channel weights (Eq. 3)."""
+    pooled = torch.einsum("bkhw,bhw->bk", features, spatial_weights(features))
+    return pooled * channel_weights(features)
+
+
+def max_pooling(features: torch.Tensor) -> torch.Tensor:
+    """MAC: ``max_ij X_k(i, j)``."""
+    return features.amax(dim=(2, 3))
+
+
+def gem_pooling(features: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
+    """GeM: ``(mean_ij X_k(i, j)^p)^(1/p)``; activations clamped at ``eps`` so that the root is defined."""
+    return features.clamp_min(eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
+def rmac_regions(height: int, width: int, levels: int = 3, overlap: float = 0.4) -> list[tuple[int, int, int, int]]:
+    """The R-MAC grid (Tolias et al. 2016) on an H x W map, as (y1, x1, y2, x2) cells, end exclusive.
+
+    Level l has square regions of side ``2 min(H, W) / (l + 1)``: l regions along the shorter side and
+    ``l + extra`` along the longer one, ``extra`` chosen so that neighbours at level 1 overlap closest to
+    ``overlap``; regions are spread evenly from edge to edge.
+    """
+    short, long = min(height, width), max(height, width)
+    extra = 0
+    if long > short:
+        # For n = 1..6 extra regions along the long side, the overlap of neighbours of side `short`.
+        steps = torch.arange(1, 7, dtype=torch.float64)
+        step = (long - short) / steps
+        extra = int(torch.argmin(((short - step) / short - overlap).abs())) + 1
+    regions = []
+    for level in range(1, levels + 1):
+        side = max(1, math.floor(2 * short / (level + 1)))
+        count_y = level + (extra if height > width else 0)
+        count_x = level + (extra if width > height else 0)
+        starts_y = _even_starts(height, side, count_y)
+        starts_x = _even_starts(width, side, count_x)
+        regions += [(y, x, y + side, x + side) for y in starts_y for x in starts_x]
+    return list(dict.fromkeys(regions))  # a small map can repeat regions; each counts once
+
+
+def _even_starts(length: int, side: int, count: int) -> list[int]:
+    if count == 1 or length == side:
+        return [(length - side) // 2]
+    return [math.floor(i * (length - side) / (count - 1)) for i in range(count)]
+
+
+def regional_max_pooling(features: torch.Tensor, levels: int = 3) -> torch.Tensor:
+    """MAC of every R-MAC region: B x K x H x W -> B x R x K. The regions' whitening, l2 and sum come after."""
+    regions = rmac_regions(features.shape[2], features.shape[3], levels)
+    return torch.stack([features[:, :, y1:y2, x1:x2].amax(dim=(2, 3)) for y1, x1, y2, x2 in regions], dim=1)
