@@ -39,3 +39,8 @@ def lite0():
     from camretrieval import load_backbone
 
     return load_backbone("efficientnet_lite0")
+
+
+@pytest.fixture(scope="session")
+def clutter_dir() -> Path:
+    return _data_folder("clutter-dev")
