@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from .backbones import list_backbones, load_backbone
+from .backbones import Backbone, WeightsNotFoundError, list_backbones, load_backbone
+from .datasets import DATASET_NAMES, RetrievalDataset, image_folder, load_dataset, with_distractors
 from .descriptor import (
     DEFAULT_BACKBONE,
     DEFAULT_CLASSES,
@@ -21,8 +22,19 @@ from .descriptor import (
     fit_whitening,
 )
 from .errors import CamRetrievalError
+from .experiments import (
+    Variant,
+    VariantResult,
+    evaluate_variants,
+    fit_variant_whitenings,
+    markdown_table,
+    result_record,
+    table_1a_variants,
+    table_1b_variants,
+    table_2_variants,
+)
 from .images import find_images
-from .index import Index
+from .index import Index, SearchOptions
 from .regions import Box, parse_box
 from .whitening import PCAWhitening
 
@@ -91,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument(
         "--classes", type=int, default=DEFAULT_CLASSES, help=f"N_c, classes aggregated per image (default: {DEFAULT_CLASSES})"
     )
+    index.add_argument(
+        "--no-maps",
+        action="store_true",
+        help="do not store the images' feature maps (float16, about 0.7 MB per 448 x 597 image with "
+        "efficientnet_lite0): smaller index, but no search --online or --rerank",
+    )
 
     search = commands.add_parser(
         "search",
@@ -106,6 +124,51 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--top", type=int, default=10, help="results per query (default: 10)")
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     search.add_argument("--device", default="cpu")
+    refine = search.add_argument_group("query-time refinement (METHOD.md sections 3 and 5; --online and --rerank need an index with maps)")
+    refine.add_argument("--online", action="store_true", help="online aggregation: every database image aggregated with the query's classes")
+    refine.add_argument("--online-classes", type=int, metavar="N", help="N_c of online aggregation (default: the index's)")
+    refine.add_argument("--online-top", type=int, default=0, metavar="R", help="with --online: re-aggregate only the top R of the plain search (default: 0, all)")
+    refine.add_argument("--rerank", type=int, default=0, metavar="R", help="re-rank the top R with CAM regions (default: 0, off)")
+    refine.add_argument("--rerank-classes", type=int, default=6, metavar="N", help="N_re, query classes describing the regions (default: 6)")
+    refine.add_argument("--qe", type=int, default=0, metavar="K", help="query expansion with the top K results (default: 0, off)")
+    refine.add_argument("--qe-alpha", type=float, metavar="A", help="alpha-QE: weight the K results by similarity^A (default: average QE)")
+
+    evaluation = commands.add_parser(
+        "eval",
+        help="score a configuration on a benchmark (mAP, revisited Easy/Medium/Hard, N-S) with its own protocol",
+        description="Evaluate on a standard benchmark (--dataset NAME --data-root DIR) or on a folder of label "
+        "sub-folders (--images DIR, every image a query against the others; boxes from boxes.json when present).",
+    )
+    _add_benchmark_options(evaluation)
+    evaluation.add_argument("--pca", type=Path, help="PCA-whitening file (default: none, the raw descriptor)")
+    evaluation.add_argument(
+        "--pca-images", type=Path, help="learn the PCA-whitening on this folder first, instead of --pca"
+    )
+    _add_extraction_options(evaluation, defaults_from_pca=True)
+    evaluation.add_argument(
+        "--classes", type=int, default=DEFAULT_CLASSES, help=f"N_c for --pooling cam (default: {DEFAULT_CLASSES})"
+    )
+    evaluation.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    tables = commands.add_parser(
+        "tables",
+        help="regenerate the paper's Tables 1a, 1b and 2 on a benchmark, PCA learned on another collection",
+        description="All rows of the paper's tables from one extraction per backbone, as Markdown.",
+    )
+    _add_benchmark_options(tables)
+    tables.add_argument("--pca-images", type=Path, required=True, help="folder the PCA-whitening is learned on")
+    tables.add_argument("--size", type=int, default=DEFAULT_SIZE)
+    tables.add_argument("--dim", type=int, default=512, help="PCA-whitening dimensions (default: 512)")
+    tables.add_argument("--backbone", choices=list_backbones(), default=DEFAULT_BACKBONE)
+    tables.add_argument(
+        "--compare-backbones", nargs="*", default=list_backbones(),
+        help="backbones for Table 1a's network comparison (those without weights here are skipped and said so)",
+    )
+    tables.add_argument("--output", type=Path, help="also write the tables to this Markdown file")
+    tables.add_argument("--batch-size", type=int, default=16)
+    tables.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    tables.add_argument("--device", default="cpu")
+    tables.add_argument("--quiet", action="store_true")
 
     demo = commands.add_parser(
         "demo",
@@ -116,6 +179,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=DEFAULT_SIZE)
     demo.add_argument("--top", type=int, default=5)
     return parser
+
+
+def _add_benchmark_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=DATASET_NAMES, help="a standard benchmark (with --data-root)")
+    parser.add_argument(
+        "--data-root", type=Path, help="folder holding <name>/gnd_<name>.pkl and <name>/jpg/ (revisitop, cirtorch)"
+    )
+    parser.add_argument("--images", type=Path, help="a folder of label sub-folders instead of --dataset")
+    parser.add_argument("--distractors", type=Path, help="a folder of extra images added to the database")
+
+
+def _load_benchmark(args: argparse.Namespace) -> RetrievalDataset:
+    if (args.dataset is None) == (args.images is None):
+        raise CamRetrievalError("give either --dataset NAME --data-root DIR or --images DIR")
+    if args.dataset is not None:
+        if args.data_root is None:
+            raise CamRetrievalError(f"--dataset {args.dataset} needs --data-root DIR")
+        dataset = load_dataset(args.dataset, args.data_root)
+    else:
+        dataset = image_folder(args.images)
+    if args.distractors is not None:
+        dataset = with_distractors(dataset, args.distractors)
+    return dataset
 
 
 def _report_failures(failures: list[FileFailure], total: int) -> None:
@@ -160,6 +246,8 @@ def run_index(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
         pooling=args.pooling or learned.get("pooling", DEFAULT_POOLING),
+        keep_maps=False if args.no_maps else None,
+        maps_dir=args.index_dir,  # spool the maps beside their final place: save() renames them, no copy
     )
     index.save(args.index_dir)
     elapsed = time.perf_counter() - started
@@ -210,11 +298,26 @@ def run_search(args: argparse.Namespace) -> int:
         raise CamRetrievalError("no queries: give QUERY paths or --queries FILE")
     if args.top < 1:
         raise CamRetrievalError("--top must be at least 1")
+    if args.qe_alpha is not None and not args.qe:
+        raise CamRetrievalError("--qe-alpha goes with --qe K")
+    if args.online_top and not args.online:
+        raise CamRetrievalError("--online-top goes with --online")
+    options = SearchOptions(
+        online=args.online,
+        online_classes=args.online_classes,
+        online_top=args.online_top,
+        rerank=args.rerank,
+        rerank_classes=args.rerank_classes,
+        qe=args.qe,
+        qe_alpha=args.qe_alpha or 0.0,
+    )
     index = Index.open(args.index_dir, device=args.device)
+    if options.needs_maps and index.maps is None:  # one clear error, not one per query
+        index.require_maps("--online" if options.online else "--rerank")
     results, failed = [], 0
     for query, box in queries:
         try:
-            hits = index.search([query], [box], args.top)[0]
+            hits = index.search([query], [box], args.top, options)[0]
         except CamRetrievalError as error:
             print(f"query {query}: {error}", file=sys.stderr)
             failed += 1
@@ -231,13 +334,106 @@ def run_search(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def run_eval(args: argparse.Namespace) -> int:
+    if args.pca is not None and args.pca_images is not None:
+        raise CamRetrievalError("give --pca FILE or --pca-images DIR, not both")
+    dataset = _load_benchmark(args)
+    whitening = PCAWhitening.load(args.pca) if args.pca is not None else None
+    learned = whitening.settings if whitening is not None else {}
+    backbone_name = args.backbone or learned.get("backbone", DEFAULT_BACKBONE)
+    backbone = load_backbone(
+        backbone_name, weights=args.weights, feature_layer=args.feature_layer or learned.get("feature_layer")
+    )
+    size = args.size or learned.get("size", DEFAULT_SIZE)
+    pooling = args.pooling or learned.get("pooling", DEFAULT_POOLING)
+    variant = Variant(f"{pooling}" + (f", N_c = {args.classes}" if pooling == "cam" else ""), pooling, args.classes,
+                      whiten=whitening is not None or args.pca_images is not None)
+    describer = Describer(backbone, size, args.classes, device=args.device, pooling=pooling)
+    whitenings = {pooling: whitening} if whitening is not None else {}
+    if args.pca_images is not None:
+        whitenings = fit_variant_whitenings(
+            describer, [variant], find_images(args.pca_images), args.pca_images,
+            batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
+        )
+    [result] = evaluate_variants(
+        backbone, dataset, [variant], whitenings, size, args.batch_size, args.workers, args.device, not args.quiet
+    )
+    settings = describer.settings.to_dict() | {
+        "n_classes": args.classes, "weights": backbone.weights, "whitening": str(args.pca or args.pca_images or "none"),
+        "dataset": dataset.name, "database_images": len(dataset.images), "queries": len(dataset.queries),
+    }
+    record = result_record(result, settings)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(f"{dataset.name}: {len(dataset.images)} database images, {len(dataset.queries)} queries")
+        print(markdown_table(f"{backbone_name}, size {size}, whitening {settings['whitening']}", [result]))
+    return 0
+
+
+def run_tables(args: argparse.Namespace) -> int:
+    dataset = _load_benchmark(args)
+    progress = not args.quiet
+    pca_paths = find_images(args.pca_images)
+    sections = [
+        f"Tables on {dataset.name} ({len(dataset.images)} images, {len(dataset.queries)} queries), PCA-whitening "
+        f"({args.dim}-d) learned on {args.pca_images.name} ({len(pca_paths)} images), size {args.size}.\n"
+    ]
+
+    def run(backbone: Backbone, variants: list[Variant]) -> list:
+        describer = Describer(backbone, args.size, device=args.device)
+        whitenings = fit_variant_whitenings(
+            describer, variants, pca_paths, args.pca_images, args.dim, batch_size=args.batch_size, workers=args.workers,
+            progress=progress,
+        )
+        return evaluate_variants(
+            backbone, dataset, variants, whitenings, args.size, args.batch_size, args.workers, args.device, progress
+        )
+
+    main_backbone = load_backbone(args.backbone)
+    results = run(main_backbone, table_1a_variants() + table_1b_variants() + table_2_variants())
+    by_name = {r.variant.name: r for r in results}
+    table_1a = [by_name[v.name] for v in table_1a_variants()]
+    table_1b = [by_name[v.name] for v in table_1b_variants()]
+    table_2 = [by_name[v.name] for v in table_2_variants()]
+    sections.append(markdown_table(f"Table 1a ({args.backbone})", table_1a, paper_column=1 if "paris" in dataset.name else 0))
+    comparison = []
+    for name in args.compare_backbones:
+        try:
+            backbone = main_backbone if name == args.backbone else load_backbone(name)
+        except WeightsNotFoundError as error:
+            sections.append(f"\n{name}: skipped, no weights here ({error})")
+            continue
+        rows = [by_name["Raw"], by_name["64 CAMs (OfA)"]] if name == args.backbone else run(
+            backbone, [Variant("Raw", "sum", whiten=False), Variant("64 CAMs (OfA)", "cam", 64)]
+        )
+        comparison += [VariantResult(Variant(f"{name}: {r.variant.name}"), r.metrics, r.seconds_per_image) for r in rows]
+    if comparison:
+        sections.append(markdown_table("Table 1a, networks (raw vs 64 CAMs)", comparison))
+    sections.append(markdown_table(f"Table 1b ({args.backbone}): number of classes", table_1b))
+    sections.append(markdown_table(f"Table 2 ({args.backbone}): OfA at {args.dim} dimensions beside the baselines", table_2))
+    text = "\n\n".join(sections) + "\n"
+    print(text)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo as demo
 
     return demo(workdir=args.workdir, size=args.size, top=args.top)
 
 
-COMMANDS = {"fit-pca": run_fit_pca, "index": run_index, "search": run_search, "demo": run_demo}
+COMMANDS = {
+    "fit-pca": run_fit_pca,
+    "index": run_index,
+    "search": run_search,
+    "eval": run_eval,
+    "tables": run_tables,
+    "demo": run_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -181,6 +181,11 @@ class Describer:
     ) -> PooledVectors:
         """Pooled vectors of one image, or of its region ``box`` (original pixels), whose classes then come from
         the region itself: the logits of the region's pooled CAM activations."""
+        return self.pooled_vectors(self.image_maps(image, box), n_classes)
+
+    def image_maps(self, image: str | Path | Image.Image, box: Box | None = None) -> FeatureMaps:
+        """The feature and CAM-layer maps of one image (batch of 1), cropped to the cells of ``box`` (original
+        pixels, mapped through the resize: METHOD.md section 4) when given."""
         picture = self.load(image)
         tensor = self.preprocess(picture)
         maps = self.feature_maps(tensor.unsqueeze(0))
@@ -188,7 +193,7 @@ class Describer:
             resized_box = scale_box(validate_box(box, *picture.size), picture.size, (tensor.shape[2], tensor.shape[1]))
             strides = self.backbone.layer_strides
             maps = crop_maps(maps, resized_box, (strides[self.backbone.feature_layer], strides[self.backbone.cam_layer]))
-        return self.pooled_vectors(maps, n_classes)
+        return maps
 
     def describe(
         self, images: Sequence[str | Path | Image.Image], boxes: Sequence[Box | None] | None = None
