@@ -1,4 +1,4 @@
-"""The ``camretrieval`` command: fit-pca, index, search, demo."""
+"""The ``camretrieval`` command: fit-pca, index, search, eval, tables, demo, serve, explain."""
 
 from __future__ import annotations
 
@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--classes", type=int, default=DEFAULT_CLASSES, help=f"N_c for --pooling cam (default: {DEFAULT_CLASSES})"
     )
     evaluation.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluation.add_argument(
+        "--report", type=Path, metavar="DIR",
+        help="also write an HTML report there: metrics, per-query AP, precision-recall curve, example queries",
+    )
 
     tables = commands.add_parser(
         "tables",
@@ -178,6 +182,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, help="keep the demo's images, PCA and index here (default: a temp folder)")
     demo.add_argument("--size", type=int, default=DEFAULT_SIZE)
     demo.add_argument("--top", type=int, default=5)
+
+    serve = commands.add_parser(
+        "serve",
+        help="a web page (and JSON API) to search an index and see why each result matched",
+        description="Serve a search page and its JSON API (docs/web.md) over an index; the model is loaded once.",
+    )
+    serve.add_argument("index_dir", type=Path)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    serve.add_argument("--device", default="cpu")
+
+    explain = commands.add_parser(
+        "explain",
+        help="draw an image's top classes' CAMs (with their ImageNet names) and its CAM region proposals",
+        description="Write a picture of an image's top classes' CAMs and its CAM region proposals.",
+    )
+    explain.add_argument("image", type=Path)
+    explain.add_argument("--output", type=Path, help="PNG file to write (default: IMAGE_NAME.explain.png here)")
+    explain.add_argument("--classes", type=int, default=5, help="top classes shown, each with its CAM (default: 5)")
+    explain.add_argument("--box", help="x1,y1,x2,y2: explain this region's classes (as a box query)")
+    explain.add_argument("--backbone", choices=list_backbones(), default=DEFAULT_BACKBONE)
+    explain.add_argument("--weights", help="local weight file for backbones without packaged weights")
+    explain.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"shorter side seen by the network (default: {DEFAULT_SIZE})")
+    explain.add_argument("--device", default="cpu")
     return parser
 
 
@@ -356,7 +384,8 @@ def run_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
         )
     [result] = evaluate_variants(
-        backbone, dataset, [variant], whitenings, size, args.batch_size, args.workers, args.device, not args.quiet
+        backbone, dataset, [variant], whitenings, size, args.batch_size, args.workers, args.device, not args.quiet,
+        keep_similarity=args.report is not None,
     )
     settings = describer.settings.to_dict() | {
         "n_classes": args.classes, "weights": backbone.weights, "whitening": str(args.pca or args.pca_images or "none"),
@@ -368,6 +397,11 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         print(f"{dataset.name}: {len(dataset.images)} database images, {len(dataset.queries)} queries")
         print(markdown_table(f"{backbone_name}, size {size}, whitening {settings['whitening']}", [result]))
+    if args.report is not None:
+        from .web import write_eval_report
+
+        page = write_eval_report(args.report, dataset, result, record, describer)
+        print(f"report: {page}", file=sys.stderr)
     return 0
 
 
@@ -426,6 +460,29 @@ def run_demo(args: argparse.Namespace) -> int:
     return demo(workdir=args.workdir, size=args.size, top=args.top)
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from .web import serve
+
+    serve(args.index_dir, args.host, args.port, args.device)
+    return 0
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from .web import explain_figure, open_image_argument
+
+    image = open_image_argument(args.image)
+    describer = Describer(load_backbone(args.backbone, weights=args.weights), args.size, device=args.device)
+    box = parse_box(args.box) if args.box else None
+    figure, classes = explain_figure(describer, image, args.classes, box, title=f"{image.name} ({args.backbone}, {args.size} px)")
+    output = args.output or Path(f"{image.stem}.explain.png")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.save(output)
+    for rank, c in enumerate(classes, start=1):
+        print(f"{rank:>2}. {c.probability:6.3f}  {c.name}  (class {c.index})")
+    print(f"wrote {output}")
+    return 0
+
+
 COMMANDS = {
     "fit-pca": run_fit_pca,
     "index": run_index,
@@ -433,6 +490,8 @@ COMMANDS = {
     "eval": run_eval,
     "tables": run_tables,
     "demo": run_demo,
+    "serve": run_serve,
+    "explain": run_explain,
 }
 
 

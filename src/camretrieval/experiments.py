@@ -44,6 +44,7 @@ class VariantResult:
     variant: Variant
     metrics: dict[str, Any]
     seconds_per_image: float  # shared decoding + forward pass, plus this variant's own pooling and aggregation
+    similarity: np.ndarray | None = None  # queries x database, kept by evaluate_variants(keep_similarity=True)
 
 
 class _PoolingTimer:
@@ -155,8 +156,10 @@ def evaluate_variants(
     workers: int = 2,
     device: str = "cpu",
     progress: bool = True,
+    keep_similarity: bool = False,
 ) -> list[VariantResult]:
-    """Describe the dataset once and score every variant with the dataset's own protocol."""
+    """Describe the dataset once and score every variant with the dataset's own protocol. ``keep_similarity``
+    keeps each variant's queries x database similarities in its result (for ``eval --report``)."""
     describer = Describer(backbone, size, device=device)
     pooled, timer, seconds, failures = _pool_files(
         describer, variants, dataset.images, dataset.root, batch_size, workers, progress
@@ -187,8 +190,9 @@ def evaluate_variants(
             queries = _descriptors(query_pooled[variant.pooling], variant, whitening, dim)
         own = timer.seconds[variant.pooling] + (query_timer.seconds[variant.pooling] if query_timer else 0.0)
         own += time.perf_counter() - started
-        metrics = evaluate(dataset, queries @ database.T)
-        results.append(VariantResult(variant, metrics, (shared + own) / n_described))
+        similarity = queries @ database.T
+        metrics = evaluate(dataset, similarity)
+        results.append(VariantResult(variant, metrics, (shared + own) / n_described, similarity if keep_similarity else None))
     return results
 
 

@@ -6,7 +6,15 @@ On disk, an index folder holds (none of them a pickle):
 - ``paths.json``: image paths relative to the indexed folder, in descriptor order;
 - ``descriptors.npy``: N x dim float32, l2-normalised;
 - ``whitening.npz``: the PCA-whitening the descriptors were made with (queries need it too), absent when none;
-- ``faiss.index``: an exact inner-product FAISS index (cosine similarity, as the descriptors are l2-normalised).
+- ``faiss.index``: an exact inner-product FAISS index (cosine similarity, as the descriptors are l2-normalised);
+- ``features_maps.npy`` + ``features_maps_table.npy`` (and ``cam_activations_maps*`` when the CAM layer is another
+  layer): every image's maps in float16, for query-time refinement (:mod:`camretrieval.mapstore`); absent when the
+  index was built with ``keep_maps=False`` (``camretrieval index --no-maps``).
+
+Query-time refinement (METHOD.md sections 3 and 5) is chosen with :class:`SearchOptions`: online aggregation (OnA)
+with the query's classes, re-ranking of the top-R with CAM regions, and (alpha-)query expansion, all computed from
+the stored maps and descriptors: no database image is decoded or forwarded at query time, and none of the stored
+data is ever modified.
 """
 
 from __future__ import annotations
@@ -14,18 +22,24 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 from PIL import Image
 
 from .backbones import load_backbone
+from .aggregation import aggregate
 from .descriptor import DEFAULT_BACKBONE, DEFAULT_CLASSES, DEFAULT_POOLING, DEFAULT_SIZE, Describer, FileFailure
 from .errors import CamRetrievalError
+from .expansion import expanded_query
 from .images import find_images
+from .mapstore import MapStore, MapStoreWriter, MapsNotStoredError, describe_store, maps_missing_message
+from .online import online_descriptors
 from .regions import Box
+from .reranking import DEFAULT_RERANK_CLASSES, region_scores, rerank_order
 from .whitening import PCAWhitening
 
 FORMAT = "camretrieval-index"
@@ -40,6 +54,93 @@ class IndexFileError(CamRetrievalError):
 class SearchHit:
     path: str  # relative to the indexed folder
     score: float  # cosine similarity
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Query-time refinement (METHOD.md sections 3 and 5); the defaults are plain offline aggregation (OfA).
+
+    - ``online``: online aggregation, every database image aggregated with the query's top-``online_classes``
+      classes (default: the index's N_c); ``online_top`` R > 0 re-aggregates only the top-R of the OfA search.
+    - ``rerank`` R: re-rank the top-R with CAM regions described with the query's top-``rerank_classes`` (N_re).
+    - ``qe`` K: query expansion with the top-K results, ``qe_alpha`` > 0 for alpha-QE (0: average QE).
+
+    R and K larger than the database are clipped to it.
+    """
+
+    online: bool = False
+    online_classes: int | None = None
+    online_top: int = 0
+    rerank: int = 0
+    rerank_classes: int = DEFAULT_RERANK_CLASSES
+    qe: int = 0
+    qe_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("online_top", "rerank", "qe"):
+            if getattr(self, name) < 0:
+                raise CamRetrievalError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
+        if self.online_classes is not None and self.online_classes < 1:
+            raise CamRetrievalError(f"online_classes must be at least 1, got {self.online_classes}")
+        if self.rerank_classes < 1:
+            raise CamRetrievalError(f"rerank_classes must be at least 1, got {self.rerank_classes}")
+        if not (self.qe_alpha >= 0 and np.isfinite(self.qe_alpha)):
+            raise CamRetrievalError(f"qe_alpha must be a finite power >= 0, got {self.qe_alpha}")
+        if self.online_top and not self.online:
+            raise CamRetrievalError("online_top only applies to online aggregation (online=True)")
+
+    @property
+    def refined(self) -> bool:
+        return self.online or self.rerank > 0 or self.qe > 0
+
+    @property
+    def needs_maps(self) -> bool:
+        return self.online or self.rerank > 0
+
+
+@dataclass
+class QueryDescription:
+    """A query's class vectors, from one forward pass of the query (of its region when it has a box, whose classes
+    are then the region's): ``vectors`` N x K, l2-normalised, of its top-N classes best first (``classes`` N), or
+    for a baseline pooling its pooled vectors (``classes`` None)."""
+
+    vectors: torch.Tensor
+    classes: torch.Tensor | None
+
+    def descriptor(self, n_classes: int | None, whitening: PCAWhitening | None) -> np.ndarray:
+        """The query's descriptor aggregated over its top-``n_classes`` class vectors (all for a baseline)."""
+        vectors = self.vectors if self.classes is None or n_classes is None else self.vectors[:n_classes]
+        with torch.inference_mode():
+            return aggregate(vectors.unsqueeze(0), whitening)[0].float().cpu().numpy()
+
+
+@dataclass
+class Ranking:
+    """One query's ranking of the database (the excluded images left out): ``ids`` best first and their ``scores``,
+    and the descriptor each image was scored with: row i of ``base`` (the stored OfA descriptors, or this query's
+    OnA descriptors), or ``overrides[i]`` (an image re-aggregated online or re-ranked by a region). The index's own
+    arrays are never written: ``base`` is the stored array only when nothing replaced it, and is read-only then."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    base: np.ndarray
+    overrides: dict[int, np.ndarray] = field(default_factory=dict)
+    query: np.ndarray | None = None  # the query descriptor the ranking was made with (expansion starts from it)
+
+    def descriptors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        rows = np.array(self.base[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+        for row, i in enumerate(np.asarray(ids).tolist()):
+            if i in self.overrides:
+                rows[row] = self.overrides[i]
+        return rows
+
+    def similarities(self, query: np.ndarray) -> np.ndarray:
+        """Every database image's similarity with ``query`` under this ranking's descriptors (N,)."""
+        scores = self.base @ np.asarray(query, dtype=np.float32)
+        if self.overrides:
+            ids = np.fromiter(self.overrides, dtype=np.int64)
+            scores[ids] = np.stack([self.overrides[i] for i in ids.tolist()]) @ query
+        return scores
 
 
 class Index:
@@ -57,6 +158,7 @@ class Index:
         settings: dict,
         image_root: str | Path | None = None,
         faiss_index: faiss.Index | None = None,
+        maps: MapStore | None = None,
     ) -> None:
         descriptors = np.ascontiguousarray(descriptors, dtype=np.float32)
         if descriptors.ndim != 2 or len(descriptors) != len(paths):
@@ -70,6 +172,10 @@ class Index:
             faiss_index = faiss.IndexFlatIP(descriptors.shape[1])
             faiss_index.add(descriptors)
         self.faiss_index = faiss_index
+        if maps is not None and len(maps) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} paths but maps of {len(maps)} images")
+        self.maps = maps  # the stored maps for query-time refinement (None: built without them)
+        self._maps_spooled = False  # maps still in MapStoreWriter's spool files, which save() moves into place
         self._describer: Describer | None = None
         self.device = "cpu"
 
@@ -93,11 +199,18 @@ class Index:
         device: str = "cpu",
         progress: bool = True,
         pooling: str = DEFAULT_POOLING,
+        keep_maps: bool | None = None,
+        maps_dir: str | Path | None = None,
     ) -> tuple["Index", list[FileFailure]]:
         """Describe every image under ``image_root`` (recursively). Returns the index and the files skipped.
 
         ``whitening`` None makes unwhitened descriptors (the "raw" baselines); ``pooling`` picks a baseline
-        instead of the class-weighted descriptor (see ``camretrieval.descriptor.POOLINGS``)."""
+        instead of the class-weighted descriptor (see ``camretrieval.descriptor.POOLINGS``).
+
+        ``keep_maps`` (default: for the class-weighted pooling) also stores every image's maps in float16 for
+        online aggregation and re-ranking (about 0.7 MB per 448 x 597 image with efficientnet_lite0, 266 cells x
+        1280 channels x 2 bytes); they are streamed to spool files in ``maps_dir`` (default: a temporary folder;
+        give the index folder to avoid a copy across file systems) and moved into the index folder by :meth:`save`."""
         image_root = Path(image_root)
         paths = find_images(image_root)
         if not paths:
@@ -111,11 +224,20 @@ class Index:
             device,
             pooling,
         )
-        descriptors, done, failures = describer.describe_files(paths, image_root, batch_size, workers, progress)
+        if keep_maps is None:
+            keep_maps = pooling == "cam"
+        if not keep_maps:
+            descriptors, done, failures = describer.describe_files(paths, image_root, batch_size, workers, progress)
+            store = None
+        else:
+            descriptors, done, failures, store = _describe_and_keep_maps(
+                describer, paths, image_root, batch_size, workers, progress, maps_dir
+            )
         if not done:
             raise CamRetrievalError(f"none of the {len(paths)} images under {image_root} could be read")
         settings = describer.settings.to_dict() | {"n_classes": n_classes, "weights": weights}
-        index = cls(descriptors, [paths[i] for i in done], whitening, settings, image_root.resolve())
+        index = cls(descriptors, [paths[i] for i in done], whitening, settings, image_root.resolve(), maps=store)
+        index._maps_spooled = store is not None
         index._describer = describer
         return index, failures
 
@@ -132,6 +254,7 @@ class Index:
             "count": len(self),
             "dim": int(self.descriptors.shape[1]),
             "whitened": self.whitening is not None,
+            "maps": describe_store(self.maps) if self.maps is not None else None,
         }
         # Write each file beside its final name, then rename: a crash never leaves a half-written file in place.
         _write_atomically(index_dir / "descriptors.npy", lambda f: np.save(f, self.descriptors))
@@ -139,7 +262,15 @@ class Index:
         if self.whitening is not None:
             _write_atomically(index_dir / "whitening.npz", self.whitening.save)
         _write_atomically(index_dir / "faiss.index", lambda f: f.write(faiss.serialize_index(self.faiss_index).tobytes()))
+        if self.maps is not None:
+            self.maps.save(index_dir, move=self._maps_spooled)
         _write_atomically(index_dir / "index.json", lambda f: f.write(json.dumps(header, indent=2).encode()))
+        if self.maps is None:
+            MapStore.remove_from(index_dir)  # maps of an index saved here before would not match this one
+        elif self._maps_spooled:
+            # The spool files were moved into the folder: read them from there from now on.
+            self.maps = MapStore.open(index_dir, self.maps.separate_cam_layer, len(self))
+            self._maps_spooled = False
 
     @classmethod
     def open(cls, index_dir: str | Path, device: str = "cpu") -> "Index":
@@ -172,7 +303,9 @@ class Index:
         shape = (header["count"], header["dim"])
         if len(paths) != shape[0] or descriptors.shape != shape or (faiss_index.ntotal, faiss_index.d) != shape:
             raise IndexFileError(f"the index at {index_dir} is inconsistent (counts differ): rebuild it")
-        index = cls(descriptors, paths, whitening, header["settings"], header.get("image_root"), faiss_index)
+        maps_info = header.get("maps")
+        maps = MapStore.open(index_dir, maps_info["separate_cam_layer"], shape[0]) if maps_info else None
+        index = cls(descriptors, paths, whitening, header["settings"], header.get("image_root"), faiss_index, maps)
         index.device = device
         return index
 
@@ -200,13 +333,214 @@ class Index:
         images: Sequence[str | Path | Image.Image],
         boxes: Sequence[Box | None] | None = None,
         top: int = 10,
+        options: SearchOptions | None = None,
     ) -> list[list[SearchHit]]:
-        """Search with query images (each optionally with a box in its original pixels), best hits first."""
-        scores, ids = self.search_descriptors(self.describer.describe(images, boxes), top)
-        return [
-            [SearchHit(self.paths[i], float(score)) for score, i in zip(row_scores, row_ids) if i >= 0]
-            for row_scores, row_ids in zip(scores, ids)
-        ]
+        """Search with query images (each optionally with a box in its original pixels), best hits first.
+        ``options``: query-time refinement (online aggregation, re-ranking, query expansion), none by default."""
+        if options is None or not options.refined:
+            scores, ids = self.search_descriptors(self.describer.describe(images, boxes), top)
+            return [
+                [SearchHit(self.paths[i], float(score)) for score, i in zip(row_scores, row_ids) if i >= 0]
+                for row_scores, row_ids in zip(scores, ids)
+            ]
+        boxes = boxes if boxes is not None else [None] * len(images)
+        if len(boxes) != len(images):
+            raise CamRetrievalError(f"{len(images)} images but {len(boxes)} boxes")
+        results = []
+        for image, box in zip(images, boxes):
+            ranking = self.rank(self.describe_query(image, box, options), options)
+            results.append([SearchHit(self.paths[i], float(s)) for i, s in zip(ranking.ids[:top], ranking.scores[:top])])
+        return results
+
+    # --- query-time refinement (METHOD.md sections 3 and 5) ---
+
+    @property
+    def n_classes(self) -> int:
+        """N_c: the classes aggregated per image (offline aggregation)."""
+        return int(self.settings.get("n_classes", DEFAULT_CLASSES))
+
+    def _online_classes(self, options: SearchOptions) -> int:
+        return options.online_classes or self.n_classes
+
+    def describe_query(
+        self, image: str | Path | Image.Image, box: Box | None = None, options: SearchOptions | None = None
+    ) -> QueryDescription:
+        """One forward pass of the query: the class vectors of as many of its top classes as ``options`` need (of
+        its region and with the region's classes when it has a ``box``)."""
+        options = options or SearchOptions()
+        describer = self.describer
+        if options.needs_maps and describer.pooling != "cam":
+            raise CamRetrievalError(
+                f"online aggregation and re-ranking use class activation maps: this index was built with the "
+                f"{describer.pooling!r} pooling; build it with --pooling cam"
+            )
+        n_classes = max(
+            self.n_classes,
+            self._online_classes(options) if options.online else 0,
+            options.rerank_classes if options.rerank else 0,
+        )
+        pooled = describer.image_vectors(image, box, n_classes)
+        classes = pooled.classes[0] if pooled.classes is not None else None
+        return QueryDescription(pooled.vectors[0], classes)
+
+    def require_maps(self, what: str) -> MapStore:
+        if self.maps is None:
+            raise MapsNotStoredError(maps_missing_message(what))
+        return self.maps
+
+    def _classifier_weight(self) -> torch.Tensor:
+        return self.describer.backbone.classifier_weight
+
+    def rank(
+        self, query: QueryDescription, options: SearchOptions | None = None, exclude: Sequence[int] = ()
+    ) -> Ranking:
+        """The whole database ranked for one query: OfA or OnA (:meth:`initial_ranking`), then re-ranking of the
+        top-R (:meth:`rerank`), then query expansion (:meth:`expand`), as ``options`` say. ``exclude``: database
+        indices left out of the ranking (e.g. the query's own image when the query is in the database)."""
+        options = options or SearchOptions()
+        ranking = self.initial_ranking(query, options, exclude)
+        if options.rerank:
+            ranking = self.rerank(query, ranking, options.rerank, options.rerank_classes)
+        if options.qe:
+            ranking = self.expand(ranking, options.qe, options.qe_alpha)
+        return ranking
+
+    def _order(self, scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        ids = np.flatnonzero(allowed)
+        return ids[np.argsort(-scores[ids].astype(np.float64), kind="stable")]
+
+    def _allowed(self, exclude: Sequence[int]) -> np.ndarray:
+        allowed = np.ones(len(self), dtype=bool)
+        excluded = np.asarray(list(exclude), dtype=np.int64)
+        if excluded.size and (excluded.min() < 0 or excluded.max() >= len(self)):
+            raise CamRetrievalError(f"excluded indices must be database indices (0..{len(self) - 1})")
+        allowed[excluded] = False
+        return allowed
+
+    def initial_ranking(
+        self, query: QueryDescription, options: SearchOptions | None = None, exclude: Sequence[int] = ()
+    ) -> Ranking:
+        """OfA: the query's descriptor (its top N_c classes) against the stored descriptors. OnA (``options.online``):
+        the query's descriptor over its top-``online_classes`` classes against every database image aggregated
+        online with those classes (or only the top ``online_top`` of the OfA ranking, re-sorted; the rest keeps its
+        OfA order and scores)."""
+        options = options or SearchOptions()
+        allowed = self._allowed(exclude)
+        stored = self.descriptors.view()
+        stored.flags.writeable = False  # the ranking holds it: nothing downstream may write into the index
+        q_ofa = query.descriptor(self.n_classes, self.whitening)
+        if not options.online:
+            scores = stored @ q_ofa
+            ids = self._order(scores, allowed)
+            return Ranking(ids, scores[ids], stored, query=q_ofa)
+        store = self.require_maps("online aggregation")
+        n_online = self._online_classes(options)
+        if query.classes is None:
+            raise CamRetrievalError("online aggregation needs the query's classes (pooling cam)")
+        classes, q_online = query.classes[:n_online], query.descriptor(n_online, self.whitening)
+        weight = self._classifier_weight()
+        if options.online_top == 0:
+            base = online_descriptors(store, np.arange(len(self)), classes, weight, self.whitening)
+            scores = base @ q_online
+            ids = self._order(scores, allowed)
+            return Ranking(ids, scores[ids], base, query=q_online)
+        first = stored @ q_ofa
+        ids = self._order(first, allowed)
+        top = ids[: min(options.online_top, len(ids))]
+        online = online_descriptors(store, top, classes, weight, self.whitening)
+        top_scores = online @ q_online
+        order = np.argsort(-top_scores.astype(np.float64), kind="stable")
+        ids = np.concatenate([top[order], ids[len(top) :]])
+        scores = np.concatenate([top_scores[order], first[ids[len(top) :]]])
+        return Ranking(ids, scores, stored, {int(i): d for i, d in zip(top, online)}, query=q_online)
+
+    def rerank(
+        self, query: QueryDescription, ranking: Ranking, top: int, n_classes: int = DEFAULT_RERANK_CLASSES
+    ) -> Ranking:
+        """Re-rank the first ``top`` (R, clipped to the ranking) with CAM regions (METHOD.md section 5, see
+        :mod:`camretrieval.reranking`): each candidate scored by its best region against the query's descriptor
+        over its top-``n_classes`` (N_re) classes; the rest keeps its order. Returns a new :class:`Ranking` whose
+        re-ranked images are described by their best region (for query expansion); the index is not modified."""
+        store = self.require_maps("re-ranking with CAM regions")
+        if query.classes is None:
+            raise CamRetrievalError("re-ranking needs the query's classes (pooling cam)")
+        top = min(top, len(ranking.ids))
+        if top == 0:
+            return ranking
+        backbone = self.describer.backbone
+        strides = (backbone.layer_strides[backbone.feature_layer], backbone.layer_strides[backbone.cam_layer])
+        q_re = query.descriptor(n_classes, self.whitening)
+        candidates = ranking.ids[:top]
+        regions = region_scores(
+            store, candidates, query.classes[:n_classes], q_re, self._classifier_weight(), self.whitening, strides
+        )
+        order = rerank_order(regions.scores)
+        overrides = dict(ranking.overrides) | {int(i): d for i, d in zip(candidates, regions.descriptors)}
+        return Ranking(
+            np.concatenate([candidates[order], ranking.ids[top:]]),
+            np.concatenate([regions.scores[order], ranking.scores[top:]]),
+            ranking.base,
+            overrides,
+            query=ranking.query,
+        )
+
+    def expand(self, ranking: Ranking, top: int, alpha: float = 0.0) -> Ranking:
+        """Query expansion (METHOD.md section 5, :mod:`camretrieval.expansion`): the ranking's query plus its first
+        ``top`` (K, clipped) results, each as the descriptor it was ranked with (a re-ranked image's best region),
+        weighted by similarity^``alpha`` (0: average QE); the database searched again with that query under the
+        same descriptors. Images left out of ``ranking`` stay out."""
+        if ranking.query is None:
+            raise CamRetrievalError("query expansion needs the ranking's query descriptor")
+        top = min(top, len(ranking.ids))
+        if top == 0:
+            return ranking
+        query = expanded_query(ranking.query, ranking.descriptors(ranking.ids[:top]), alpha)
+        scores = ranking.similarities(query)
+        allowed = np.zeros(len(self), dtype=bool)
+        allowed[ranking.ids] = True
+        ids = self._order(scores, allowed)
+        return Ranking(ids, scores[ids], ranking.base, dict(ranking.overrides), query=query)
+
+
+def _describe_and_keep_maps(
+    describer: Describer,
+    paths: Sequence[str],
+    root: Path,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+    maps_dir: str | Path | None,
+) -> tuple[np.ndarray, list[int], list[FileFailure], MapStore | None]:
+    """:meth:`Describer.describe_files` that also streams each image's maps into a :class:`MapStoreWriter` (the
+    same forward pass: storing the maps costs no extraction)."""
+    backbone = describer.backbone
+    separate = backbone.feature_layer != backbone.cam_layer
+    writer = MapStoreWriter(len(paths), separate, maps_dir)
+    rows: list[np.ndarray] = []
+    done: list[int] = []
+    failures: list[FileFailure] = []
+
+    def compute(maps):
+        return describer.aggregate(describer.pooled_vectors(maps)), maps
+
+    try:
+        for indices, (descriptors, maps) in describer._iterate_files(
+            paths, root, compute, batch_size, workers, progress, failures
+        ):
+            for row, index in enumerate(indices):
+                writer.add(index, maps.features[row], maps.cam_activations[row] if separate else None)
+            rows.append(descriptors.cpu().numpy())
+            done.extend(indices)
+    except BaseException:
+        writer.abort()
+        raise
+    if not done:
+        writer.abort()
+        return np.zeros((0,), np.float32), [], failures, None
+    order = np.argsort(done, kind="stable")
+    stacked = np.concatenate(rows)[order]
+    done = [done[i] for i in order]
+    return stacked.astype(np.float32), done, failures, writer.finish(done)
 
 
 def _write_atomically(path: Path, write) -> None:
