@@ -20,7 +20,6 @@ data is ever modified.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,14 @@ from .descriptor import DEFAULT_BACKBONE, DEFAULT_CLASSES, DEFAULT_POOLING, DEFA
 from .errors import CamRetrievalError
 from .expansion import expanded_query
 from .images import find_images
-from .mapstore import MapStore, MapStoreWriter, MapsNotStoredError, describe_store, maps_missing_message
+from .mapstore import (
+    MapStore,
+    MapStoreWriter,
+    MapsNotStoredError,
+    write_atomically,
+    describe_store,
+    maps_missing_message,
+)
 from .online import online_descriptors
 from .regions import Box
 from .reranking import DEFAULT_RERANK_CLASSES, region_scores, rerank_order
@@ -257,14 +263,14 @@ class Index:
             "maps": describe_store(self.maps) if self.maps is not None else None,
         }
         # Write each file beside its final name, then rename: a crash never leaves a half-written file in place.
-        _write_atomically(index_dir / "descriptors.npy", lambda f: np.save(f, self.descriptors))
-        _write_atomically(index_dir / "paths.json", lambda f: f.write(json.dumps(self.paths).encode()))
+        write_atomically(index_dir / "descriptors.npy", lambda f: np.save(f, self.descriptors))
+        write_atomically(index_dir / "paths.json", lambda f: f.write(json.dumps(self.paths).encode()))
         if self.whitening is not None:
-            _write_atomically(index_dir / "whitening.npz", self.whitening.save)
-        _write_atomically(index_dir / "faiss.index", lambda f: f.write(faiss.serialize_index(self.faiss_index).tobytes()))
+            write_atomically(index_dir / "whitening.npz", self.whitening.save)
+        write_atomically(index_dir / "faiss.index", lambda f: f.write(faiss.serialize_index(self.faiss_index).tobytes()))
         if self.maps is not None:
             self.maps.save(index_dir, move=self._maps_spooled)
-        _write_atomically(index_dir / "index.json", lambda f: f.write(json.dumps(header, indent=2).encode()))
+        write_atomically(index_dir / "index.json", lambda f: f.write(json.dumps(header, indent=2).encode()))
         if self.maps is None:
             MapStore.remove_from(index_dir)  # maps of an index saved here before would not match this one
         elif self._maps_spooled:
@@ -542,11 +548,3 @@ def _describe_and_keep_maps(
     done = [done[i] for i in order]
     return stacked.astype(np.float32), done, failures, writer.finish(done)
 
-
-def _write_atomically(path: Path, write) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)

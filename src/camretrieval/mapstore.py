@@ -239,9 +239,9 @@ class MapStore:
                     os.fsync(file.fileno())
                 os.replace(partial, target)
             else:
-                _write_atomically(target, lambda f, a=maps.cells: np.save(f, np.ascontiguousarray(a, dtype=MAPS_DTYPE)))
-            _write_atomically(directory / table_name, lambda f, t=maps.table: np.save(f, t))
-            _write_atomically(directory / positives_name, lambda f, p=maps.positives: np.save(f, p))
+                write_atomically(target, lambda f, a=maps.cells: np.save(f, np.ascontiguousarray(a, dtype=MAPS_DTYPE)))
+            write_atomically(directory / table_name, lambda f, t=maps.table: np.save(f, t))
+            write_atomically(directory / positives_name, lambda f, p=maps.positives: np.save(f, p))
 
     @staticmethod
     def remove_from(directory: str | Path) -> None:
@@ -331,7 +331,8 @@ class MapStoreWriter:
             (self.directory / (maps_file_names(layer)[0] + ".spool")).unlink(missing_ok=True)
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
+    """Write beside the final name, then rename: a crash never leaves a half-written file in place."""
     partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as file:
         write(file)
