@@ -23,7 +23,7 @@ from .descriptor import (
     pooled_vectors,
 )
 from .errors import CamRetrievalError
-from .index import Index, SearchHit
+from .index import Index, SearchHit, SearchOptions
 from .whitening import PCAWhitening
 
 __version__ = "0.1.0"
@@ -39,6 +39,7 @@ __all__ = [
     "POOLINGS",
     "PooledVectors",
     "SearchHit",
+    "SearchOptions",
     "class_weighted_vectors",
     "fit_whitening",
     "imagenet_class_names",
