@@ -16,7 +16,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 from camretrieval import Describer, fit_whitening, load_backbone
 from camretrieval.evaluation import labels_mean_average_precision

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .aggregation import aggregate
-from .backbones import Backbone, FeatureMaps, load_backbone
+from .backbones import Backbone, FeatureMaps
 from .cams import class_activation_maps, class_logits, normalize_cams, resize_cams, top_classes
 from .errors import CamRetrievalError
 from .images import ImageFileDataset, check_image_size, collate_loaded, load_image, preprocess
@@ -112,7 +112,8 @@ class FileFailure:
 
 
 class Describer:
-    """Turns images into class-weighted descriptors D_I (or, without whitening, into class vectors).
+    """Turns images into descriptors D_I: class-weighted (pooling "cam") or a baseline pooling; unwhitened without a
+    whitening (the "raw" rows of the paper).
 
     >>> describer = Describer(load_backbone("efficientnet_lite0"), size=512, whitening=PCAWhitening.load("pca.npz"))
     >>> descriptors = describer.describe(["a.jpg", "b.jpg"])          # N x 512, l2-normalised
