@@ -337,7 +337,10 @@ def fit_whitening(
     vectors, owners, failures = describer.vectors_of_files(paths, n_pca, root, batch_size, workers, progress)
     if len(vectors) == 0:
         raise CamRetrievalError("no usable images to learn the PCA-whitening from")
-    n_images = len(np.unique(owners))
-    settings = describer.settings.to_dict() | {"n_pca": n_pca, "n_images": n_images, "weights": describer.backbone.weights}
-    whitening = PCAWhitening(dim, settings).fit(vectors)
-    return whitening, failures
+    whitening = PCAWhitening(dim, whitening_settings(describer.settings, describer.backbone, n_pca, len(np.unique(owners))))
+    return whitening.fit(vectors), failures
+
+
+def whitening_settings(settings: ExtractionSettings, backbone: Backbone, n_pca: int, n_images: int) -> dict:
+    """What a PCA-whitening file records: the extraction settings it applies to, and how it was learned."""
+    return settings.to_dict() | {"n_pca": n_pca, "n_images": n_images, "weights": backbone.weights}

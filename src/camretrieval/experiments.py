@@ -22,7 +22,14 @@ from tqdm import tqdm
 from .aggregation import aggregate
 from .backbones import Backbone, FeatureMaps
 from .datasets import RetrievalDataset
-from .descriptor import DEFAULT_CLASSES, Describer, ExtractionSettings, check_whitening, pooled_vectors
+from .descriptor import (
+    DEFAULT_CLASSES,
+    Describer,
+    ExtractionSettings,
+    check_whitening,
+    pooled_vectors,
+    whitening_settings,
+)
 from .errors import CamRetrievalError
 from .evaluation import evaluate
 from .whitening import PCAWhitening
@@ -139,10 +146,10 @@ def fit_variant_whitenings(
         usable = [v[:n_pca] if pooling == "cam" else v for v in vectors if v is not None]
         if not usable:
             raise CamRetrievalError(f"no usable images under {root} to learn the PCA-whitening from")
-        settings = describer.settings.to_dict() | {
-            "pooling": pooling, "n_pca": n_pca, "n_images": len(usable), "weights": describer.backbone.weights
-        }
-        whitenings[pooling] = PCAWhitening(dim, settings).fit(torch.cat(usable).float().numpy())
+        settings = ExtractionSettings(**(describer.settings.to_dict() | {"pooling": pooling}))
+        whitenings[pooling] = PCAWhitening(
+            dim, whitening_settings(settings, describer.backbone, n_pca, len(usable))
+        ).fit(torch.cat(usable).float().numpy())
     return whitenings
 
 
