@@ -18,7 +18,14 @@ PCA-whitening (the whitening is learned on eth80-dev's plain backgrounds), the q
 image instead of its box, and the query described by forwarding the cropped box (at the database's scale, as
 cirtorch does) instead of cropping the whole image's maps.
 
+``--distractors DIR`` adds every image under DIR to the database (``benchmarks/make_distractors.py`` makes 4 600 of
+them for a 5 000-image index): the index is then built over a folder of links, ``clutter-dev/...`` and
+``distractors/...``; queries are still clutter-dev's images with their boxes; a distractor is a negative for every
+query, except that distractors under a folder named like the query's object are ignored for it (junk: eth80-dev holds
+clutter-dev's very objects). Bytes stored per image are printed from the index folder's files.
+
     python benchmarks/refinement.py [--data ../shared/data] [--workdir /tmp/camretrieval-refinement] [--queries 400]
+        [--rerank 100 1000] [--online-classes 8 64] [--distractors DIR]
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import torch
 from PIL import Image
 
 from camretrieval import Describer, Index, PCAWhitening, fit_whitening, load_backbone
-from camretrieval.evaluation import labels_mean_average_precision
+from camretrieval.evaluation import average_precision, labels_mean_average_precision
 from camretrieval.aggregation import aggregate
 from camretrieval.images import find_images, load_image, preprocess
 from camretrieval.index import QueryDescription, Ranking, SearchOptions
@@ -57,16 +64,52 @@ def prepare(args: argparse.Namespace) -> Index:
         whitening, _ = fit_whitening(Describer(backbone, size=args.size), find_images(eth80), eth80, progress=False)
         whitening.save(pca_file)
         print(f"PCA-whitening learned on eth80-dev in {time.perf_counter() - started:.0f} s")
-    index_dir = workdir / f"index_clutter_{args.backbone}_{args.size}"
+    index_dir, images = workdir / f"index_clutter_{args.backbone}_{args.size}", args.data / "clutter-dev"
+    if args.distractors is not None:
+        index_dir = workdir / f"index_clutter+{args.distractors.name}_{args.backbone}_{args.size}"
+        images = link_collection(workdir / f"collection_clutter+{args.distractors.name}", args.data / "clutter-dev",
+                                 args.distractors)
     if (index_dir / "index.json").is_file():
-        return Index.open(index_dir)
+        return Index.open(index_dir), index_dir
     started = time.perf_counter()
-    index, failures = Index.build(args.data / "clutter-dev", whitening, backbone=args.backbone, size=args.size,
-                                  progress=False, maps_dir=index_dir)
+    index, failures = Index.build(images, whitening, backbone=args.backbone, size=args.size,
+                                  progress=args.distractors is not None, maps_dir=index_dir)
     assert not failures, failures
     index.save(index_dir)
-    print(f"indexed clutter-dev in {time.perf_counter() - started:.0f} s")
-    return index
+    print(f"indexed {len(index)} images in {time.perf_counter() - started:.0f} s")
+    return Index.open(index_dir), index_dir
+
+
+def link_collection(root: Path, clutter: Path, distractors: Path) -> Path:
+    """A folder of links: clutter-dev's images under clutter-dev/, the distractors under distractors/."""
+    for source, name in ((clutter, "clutter-dev"), (distractors, "distractors")):
+        for path in find_images(source):
+            target = root / name / path
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.symlink_to((source / path).resolve())
+    return root
+
+
+def bytes_per_image(index_dir: Path, count: int) -> dict[str, float]:
+    """The index folder's bytes per image, by file."""
+    sizes = {f.name: f.stat().st_size / count for f in sorted(index_dir.iterdir()) if f.is_file()}
+    return sizes | {"total": sum(sizes.values())}
+
+
+def mean_average_precision(rows: list[np.ndarray], labels: list[str], query_ids: list[int], junk: dict[int, np.ndarray]) -> float:
+    """mAP of queries that are database images (each excluded from its own ranking), positives the images with its
+    label, and each query's ``junk`` indices ignored (removed from its ranking)."""
+    labels = np.asarray(labels)
+    aps = []
+    for row, query_id in zip(rows, query_ids):
+        order = np.argsort(-row, kind="stable")
+        keep = order != query_id
+        if query_id in junk:
+            keep &= ~np.isin(order, junk[query_id])
+        relevant = labels[order[keep]] == labels[query_id]
+        aps.append(average_precision(np.flatnonzero(relevant), int(relevant.sum())))
+    return float(np.mean(aps))
 
 
 def similarity_row(ranking: Ranking, size: int) -> np.ndarray:
@@ -140,32 +183,46 @@ def main() -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--size", type=int, default=448)
     parser.add_argument("--queries", type=int, default=0, help="only the first N queries (0: all)")
-    parser.add_argument("--rerank", type=int, default=100)
+    parser.add_argument("--rerank", type=int, nargs="+", default=[100], help="R of each re-ranking row (default: 100)")
+    parser.add_argument("--online-classes", type=int, nargs="*", default=[8, 64], help="N_c of each OnA row (default: 8 64)")
+    parser.add_argument("--distractors", type=Path, help="a folder of images added to the database (see above)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, see above)")
     parser.add_argument("--ablations", action="store_true", help="also measure departures from the paper")
     parser.add_argument("--json", type=Path, help="also write the table here")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
-    index = prepare(args)
-    boxes = json.loads((args.data / "clutter-dev" / "boxes.json").read_text())
-    labels = [p.split("/")[0] for p in index.paths]
-    query_ids = list(range(len(index)))
+    index, index_dir = prepare(args)  # built with torch's default threads
+    torch.set_num_threads(args.threads)
+    clutter_boxes = json.loads((args.data / "clutter-dev" / "boxes.json").read_text())
+    prefix = "clutter-dev/" if args.distractors is not None else ""
+    boxes = {prefix + path: box for path, box in clutter_boxes.items()}
+    labels = [p[len(prefix):].split("/")[0] if p.startswith(prefix) else "distractor" for p in index.paths]
+    query_ids = [i for i, p in enumerate(index.paths) if p in boxes]
+    # Distractors under a folder named like a query's object are that query's junk (eth80-dev holds its objects).
+    distractors = [i for i, p in enumerate(index.paths) if not p.startswith(prefix)] if prefix else []
+    junk_of_label = {label: np.array([i for i in distractors if label in index.paths[i].split("/")[:-1]], np.int64)
+                     for label in {labels[i] for i in query_ids}}
+    junk = {i: junk_of_label[labels[i]] for i in query_ids if len(junk_of_label[labels[i]])}
     if args.queries:
         query_ids = query_ids[:: max(1, len(query_ids) // args.queries)][: args.queries]
-    print(f"{len(index)} images, {len(query_ids)} queries, {torch.get_num_threads()} threads; maps "
-          f"{index.maps.nbytes() / len(index) / 1e3:.0f} kB per image")
+    stored = bytes_per_image(index_dir, len(index))
+    print(f"{len(index)} images ({len(distractors)} distractors), {len(query_ids)} queries, {torch.get_num_threads()} "
+          f"threads; stored per image: {stored['total'] / 1e3:.1f} kB ("
+          + ", ".join(f"{name} {size / 1e3:.1f} kB" for name, size in stored.items() if name != "total") + ")")
 
-    bases = {
-        "OfA": lambda q, ofa, excluded: ofa,
-        "OnA N_c=8": lambda q, ofa, excluded: index.initial_ranking(q, SearchOptions(online=True, online_classes=8), excluded),
-        "OnA N_c=64": lambda q, ofa, excluded: index.initial_ranking(q, SearchOptions(online=True, online_classes=64), excluded),
-        f"OfA + R{args.rerank}": lambda q, ofa, excluded: index.rerank(q, ofa, args.rerank),
-    }
+    def online(n_classes):
+        return lambda q, ofa, excluded: index.initial_ranking(q, SearchOptions(online=True, online_classes=n_classes), excluded)
+
+    def rerank(top):
+        return lambda q, ofa, excluded: index.rerank(q, ofa, top)
+
+    bases = {"OfA": lambda q, ofa, excluded: ofa}
+    bases |= {f"OnA N_c={n}": online(n) for n in args.online_classes}
+    bases |= {f"OfA + R{r}": rerank(r) for r in args.rerank}
     rows: dict[str, list[np.ndarray]] = defaultdict(list)
     seconds: dict[str, list[float]] = defaultdict(list)
     forward_seconds = []
-    needed = SearchOptions(online=True, online_classes=64, rerank=1)
+    needed = SearchOptions(online=True, online_classes=max(args.online_classes + [8]), rerank=1)
     index.describe_query(index.image_root / index.paths[0], None, needed)  # warm-up (loads the backbone)
     for count, query_id in enumerate(query_ids, start=1):
         path = index.paths[query_id]
@@ -185,7 +242,7 @@ def main() -> None:
                 name = base_name + suffix
                 seconds[name].append(base_seconds + time.perf_counter() - started)
                 rows[name].append(similarity_row(final, len(index)))
-        if count % 50 == 0:
+        if count % 10 == 0:
             print(f"  {count} queries", flush=True)
 
     forward = float(np.mean(forward_seconds))
@@ -193,14 +250,15 @@ def main() -> None:
     print(f"{'method':<28} {'mAP':>6} {'refine ms':>10} {'total ms':>9}")
     table = []
     for name in rows:
-        mean_ap, _ = labels_mean_average_precision(np.stack(rows[name]), labels, query_ids)
+        mean_ap = mean_average_precision(rows[name], labels, query_ids, junk)
         refine = float(np.mean(seconds[name]))
         table.append({"method": name, "mAP": mean_ap, "refine_ms": 1000 * refine, "total_ms": 1000 * (forward + refine)})
         print(f"{name:<28} {mean_ap:6.3f} {1000 * refine:10.1f} {1000 * (forward + refine):9.1f}")
     if args.json:
-        args.json.write_text(json.dumps({"forward_ms": 1000 * forward, "rows": table}, indent=2))
+        args.json.write_text(json.dumps({"images": len(index), "queries": len(query_ids), "bytes_per_image": stored,
+                                         "forward_ms": 1000 * forward, "rows": table}, indent=2))
     if args.ablations:
-        ablations(index, query_ids, boxes, labels, args.rerank)
+        ablations(index, query_ids, boxes, labels, args.rerank[0])
 
 
 if __name__ == "__main__":

@@ -67,3 +67,35 @@ def reference_mac(X: np.ndarray) -> np.ndarray:
 
 def reference_gem(X: np.ndarray, p: float = 3.0) -> np.ndarray:
     return np.array([(sum(v**p for v in X[k].ravel()) / X[k].size) ** (1 / p) for k in range(len(X))])
+
+
+def reference_listed_class_vectors(X: np.ndarray, A: np.ndarray, W: np.ndarray, classes) -> np.ndarray:
+    """Section 4.3's fixed list: the class vectors (Eq. 1-4, each l2-normalised) of exactly the given ``classes``, in
+    their order, whatever the image's own scores. X: K' x H x W, A: K x H x W, W: C x K."""
+    K, H, Wd = A.shape
+    n_channels = X.shape[0]
+    q = [np.count_nonzero(X[k] > 0) / (X.shape[1] * X.shape[2]) for k in range(n_channels)]  # Eq. 2
+    cw = [math.log(sum(q) / q[k]) if q[k] > 0 else 0.0 for k in range(n_channels)]  # Eq. 3
+    vectors = []
+    for c in classes:
+        cam = sum(W[c, k] * A[k] for k in range(K))  # Eq. 1
+        peak = cam.max()
+        cam = np.maximum(cam / peak, 0) if peak > 0 else np.zeros_like(cam)
+        f = np.array([cw[k] * (X[k] * cam).sum() for k in range(n_channels)])  # Eq. 4
+        norm = np.sqrt((f**2).sum())
+        vectors.append(f / norm if norm > 0 else f)
+    return np.array(vectors)
+
+
+def reference_class_list(scores: np.ndarray, top: int, length: int) -> tuple[list[int], list[int]]:
+    """Section 4.3's list, counted plainly: each image's ``top`` best-scoring classes; the ``length`` classes met most
+    often, ties to the smaller sum of ranks (0 = best), then to the smaller index. Returns (classes, counts)."""
+    count: dict[int, int] = {}
+    rank_sum: dict[int, int] = {}
+    for row in scores:
+        best = sorted(range(len(row)), key=lambda c: (-row[c], c))[:top]
+        for rank, c in enumerate(best):
+            count[c] = count.get(c, 0) + 1
+            rank_sum[c] = rank_sum.get(c, 0) + rank
+    kept = sorted(count, key=lambda c: (-count[c], rank_sum[c], c))[:length]
+    return kept, [count[c] for c in kept]

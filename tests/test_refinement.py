@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from camretrieval.expansion import expanded_query, expansion_weights
 from camretrieval.images import load_image
 from camretrieval.index import SearchOptions
 from camretrieval.mapstore import MapsNotStoredError, MapStore, RaggedMaps
+from camretrieval.store import IndexStore
 from camretrieval.online import channel_weights_from_fractions, online_descriptors
 from camretrieval.pooling import channel_weights
 from camretrieval.reranking import cropped_region_class_vectors, region_scores
@@ -85,21 +85,21 @@ def _plain_class_vectors(X: np.ndarray, A: np.ndarray, W: np.ndarray, classes) -
 
 
 def _file_hashes(folder) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_maps_are_stored_ragged_float16_and_memory_mapped(tiny, index):
     index_dir, database, *_ = tiny
-    header = json.loads((index_dir / "index.json").read_text())
-    assert header["maps"]["dtype"] == "<f2" and header["maps"]["separate_cam_layer"] is False
+    assert IndexStore.open(index_dir).meta()["maps"] == {"separate_cam_layer": False}
     store = index.maps
-    assert isinstance(store.features.cells, np.memmap) and store.cam_activations is None
+    (cells,) = store.features.parts  # built in one go: one shard
+    assert isinstance(cells, np.memmap) and cells.dtype == np.float16 and store.cam_activations is None
     table = store.features.table
     # Ragged: these images have three map shapes (4x7, 6x4, 4x6), and each block is where the table says.
     assert table.shape == (9, 3) and len({(h, w) for _, h, w in table.tolist()}) == 3
-    assert store.features.cells.shape == (int((table[:, 1] * table[:, 2]).sum()), 1280)
+    assert cells.shape == (int((table[:, 1] * table[:, 2]).sum()), 1280)
     assert sorted(table[:, 0].tolist()) == np.cumsum([0] + [h * w for _, h, w in sorted(table.tolist())])[:-1].tolist()
-    assert not any(p.name.endswith((".spool", ".partial")) for p in index_dir.iterdir())
+    assert not any(p.name.endswith((".spool", ".partial")) for p in index_dir.rglob("*"))
     X, _ = _maps_of(index, database / index.paths[4])
     stored = store.features.image(4)  # H x W x K, cell-major
     assert np.array_equal(stored, X.transpose(1, 2, 0).astype(np.float16))
@@ -188,7 +188,7 @@ def test_reranking_resorts_the_top_r_and_never_modifies_the_index(tiny, index):
     index_dir, _, _, query_path, box = tiny
     before_files = _file_hashes(index_dir)
     before_descriptors = index.descriptors.copy()
-    before_cells = np.array(index.maps.features.cells)
+    before_cells = np.array(index.maps.features.parts[0])
     query = index.describe_query(query_path, box, SearchOptions(online=True, rerank=1))
     plain = index.rank(query)
     reranked = index.rank(query, SearchOptions(rerank=4))
@@ -200,7 +200,7 @@ def test_reranking_resorts_the_top_r_and_never_modifies_the_index(tiny, index):
         index.search([query_path, query_path], [box, None], top=5, options=options)
     assert _file_hashes(index_dir) == before_files
     assert index.descriptors.tobytes() == before_descriptors.tobytes()
-    assert np.array(index.maps.features.cells).tobytes() == before_cells.tobytes()
+    assert np.array(index.maps.features.parts[0]).tobytes() == before_cells.tobytes()
     again = index.rank(query)
     assert list(again.ids) == list(plain.ids) and np.array_equal(again.scores, plain.scores)
 
@@ -268,7 +268,7 @@ def test_cams_with_no_positive_value_give_finite_scores():
     cells = np.abs(rng.normal(size=(2 * height * width, channels))).astype(np.float16)
     cells[: height * width] = 0  # image 0: all-zero maps
     table = np.array([[0, height, width], [height * width, height, width]], dtype=np.int64)
-    store = MapStore(RaggedMaps(cells, table))
+    store = MapStore(RaggedMaps([cells], table))
     weight = -torch.rand(10, channels)  # positive maps x negative weights: every CAM is negative (image 1)
     whitening = PCAWhitening(4).fit(np.abs(rng.normal(size=(50, channels))))
     query = np.ones(4, dtype=np.float32) / 2
@@ -282,25 +282,24 @@ def test_an_index_without_maps_says_how_to_rebuild(tiny, index, tmp_path, capsys
     index_dir, database, pca, query_path, box = tiny
     bare = Index.open(index_dir)
     bare.maps = None
-    bare.save(tmp_path / "bare")  # saved over nothing: no maps files
+    bare.save(tmp_path / "bare")  # saved without maps
     reopened = Index.open(tmp_path / "bare")
-    assert reopened.maps is None and not MapStore.stored_in(tmp_path / "bare")
+    assert reopened.maps is None and not any("maps" in p.name for p in (tmp_path / "bare").rglob("*"))
     for options in [SearchOptions(online=True), SearchOptions(rerank=10)]:
         with pytest.raises(MapsNotStoredError, match=r"camretrieval index .*without --no-maps"):
             reopened.search([query_path], [box], options=options)
     assert reopened.search([query_path], [box], top=3, options=SearchOptions(qe=2))  # QE needs no maps
     assert main(["search", str(tmp_path / "bare"), str(query_path), "--rerank", "10"]) == 2
     assert "without --no-maps" in capsys.readouterr().err
-    # camretrieval index --no-maps: no maps stored (and stale ones of an earlier index in that folder removed).
-    shutil.copytree(index_dir, tmp_path / "rebuilt")
+    # camretrieval index --no-maps: no maps stored.
     few = tmp_path / "few"
     few.mkdir()
     for path in sorted((database / "car1").iterdir())[:2]:
         (few / path.name).symlink_to(path.resolve())
     args = ["index", str(few), str(tmp_path / "rebuilt"), "--pca", str(pca), "--no-maps", "--workers", "0", "--quiet"]
     assert main(args) == 0
-    assert not MapStore.stored_in(tmp_path / "rebuilt") and Index.open(tmp_path / "rebuilt").maps is None
-    assert not any("maps" in p.name for p in (tmp_path / "rebuilt").iterdir())
+    assert Index.open(tmp_path / "rebuilt").maps is None
+    assert not any("maps" in p.name for p in (tmp_path / "rebuilt").rglob("*"))
 
 
 def test_search_flags_through_the_cli(tiny, index, capsys):

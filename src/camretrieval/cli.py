@@ -1,4 +1,4 @@
-"""The ``camretrieval`` command: fit-pca, index, search, eval, tables, demo, serve, explain."""
+"""The ``camretrieval`` command: fit-pca, learn-classes, index, search, eval, tables, demo, serve, explain."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+from .ann import ANN_KINDS
 from .backbones import Backbone, WeightsNotFoundError, list_backbones, load_backbone
+from .classlist import DEFAULT_LENGTH, DEFAULT_TOP, ClassList, learn_classes
 from .datasets import DATASET_NAMES, RetrievalDataset, image_folder, load_dataset, with_distractors
 from .descriptor import (
     DEFAULT_BACKBONE,
@@ -35,6 +37,7 @@ from .experiments import (
 )
 from .images import find_images
 from .index import Index, SearchOptions
+from .indexing import DEFAULT_COMMIT_EVERY, remove_images, update_index
 from .regions import Box, parse_box
 from .whitening import PCAWhitening
 
@@ -92,6 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extraction_options(fit, defaults_from_pca=False)
     fit.add_argument("--dim", type=int, default=512, help="output dimensions (default: 512, or K when K <= 512)")
     fit.add_argument("--npca", type=int, default=1, help="class vectors per image used for fitting (default: 1)")
+    _add_class_list_option(fit, "every image aggregated over that fixed list of classes (the PCA is learned on the "
+                           "vectors of its first N_pca classes, and applies to that list only)")
+
+    learn = commands.add_parser(
+        "learn-classes",
+        help="learn a fixed list of classes from example images of the collection's theme (paper section 4.3)",
+        description="Count each example image's top-N classes (by the classifier's score) and keep the L most "
+        "frequent: a class list for --class-list, which aggregates every image over exactly those classes.",
+    )
+    learn.add_argument("images_dir", type=Path, help="example images of the collection's theme (not the collection)")
+    learn.add_argument("--output", type=Path, required=True, help="class-list file to write (.json)")
+    learn.add_argument("--top", type=int, default=DEFAULT_TOP, help=f"N, top classes counted per image (default: {DEFAULT_TOP})")
+    learn.add_argument("--classes", type=int, default=DEFAULT_LENGTH, help=f"L, classes kept (default: {DEFAULT_LENGTH})")
+    _add_extraction_options(learn, defaults_from_pca=False)
 
     index = commands.add_parser(
         "index", help="describe every image of a folder and store an index", description="Build an index of a folder."
@@ -103,12 +120,40 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument(
         "--classes", type=int, default=DEFAULT_CLASSES, help=f"N_c, classes aggregated per image (default: {DEFAULT_CLASSES})"
     )
+    _add_class_list_option(index, "the list the PCA file was learned with (the default, when it was: a PCA learned "
+                           "with a class list applies to that list only); N_c is its length")
     index.add_argument(
         "--no-maps",
         action="store_true",
         help="do not store the images' feature maps (float16, about 0.7 MB per 448 x 597 image with "
         "efficientnet_lite0): smaller index, but no search --online or --rerank",
     )
+    index.add_argument(
+        "--commit-every",
+        type=int,
+        default=DEFAULT_COMMIT_EVERY,
+        help="images described per commit: an interrupted run loses at most this many, and the next run goes on "
+        f"from there (default: {DEFAULT_COMMIT_EVERY})",
+    )
+
+    index.add_argument(
+        "--ann",
+        choices=[*ANN_KINDS, "none"],
+        default=None,
+        help="also keep an approximate FAISS index for large collections (hnsw: a graph, fast and accurate; ivfpq: "
+        "compressed, for millions of images), rebuilt after every change, its recall@100 against exact search "
+        "printed; none: drop it (default: keep what the index has; a new index searches exactly)",
+    )
+
+    remove = commands.add_parser(
+        "remove",
+        help="remove images from an index",
+        description="Remove images from an index (their descriptors and maps are no longer searched). An image "
+        "still in the indexed folder comes back at the next camretrieval index of that folder.",
+    )
+    remove.add_argument("index_dir", type=Path)
+    remove.add_argument("paths", nargs="*", help="images to remove: paths relative to the indexed folder, or absolute")
+    remove.add_argument("--missing", action="store_true", help="also remove every indexed image no longer on disk")
 
     search = commands.add_parser(
         "search",
@@ -124,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--top", type=int, default=10, help="results per query (default: 10)")
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     search.add_argument("--device", default="cpu")
+    search.add_argument("--exact", action="store_true", help="exact search even if the index has an approximate one (--ann)")
     refine = search.add_argument_group("query-time refinement (METHOD.md sections 3 and 5; --online and --rerank need an index with maps)")
     refine.add_argument("--online", action="store_true", help="online aggregation: every database image aggregated with the query's classes")
     refine.add_argument("--online-classes", type=int, metavar="N", help="N_c of online aggregation (default: the index's)")
@@ -148,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--classes", type=int, default=DEFAULT_CLASSES, help=f"N_c for --pooling cam (default: {DEFAULT_CLASSES})"
     )
+    _add_class_list_option(evaluation, "every image (and query) aggregated over that fixed list of classes (default: "
+                           "the --pca file's list, if it was learned with one); N_c is its length")
     evaluation.add_argument("--json", action="store_true", help="print the result as JSON")
     evaluation.add_argument(
         "--report", type=Path, metavar="DIR",
@@ -209,6 +257,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_class_list_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--class-list", type=Path, metavar="FILE", help=f"class list from camretrieval learn-classes: {what}")
+
+
+def _class_list(path: Path | None, backbone: Backbone | str, learned: dict) -> list[int] | None:
+    """The classes of --class-list FILE (checked against the backbone), or of the PCA file when it was learned with a
+    list; both given, they must be the same list."""
+    from_pca = learned.get("class_list")
+    if path is None:
+        return from_pca
+    listed = list(ClassList.load(path, backbone).classes)
+    if learned and from_pca != listed:
+        raise CamRetrievalError(
+            f"the PCA-whitening was learned {'with another class list' if from_pca else 'without a class list'}: "
+            f"learn it with camretrieval fit-pca --class-list {path}"
+        )
+    return listed
+
+
 def _add_benchmark_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=DATASET_NAMES, help="a standard benchmark (with --data-root)")
     parser.add_argument(
@@ -242,7 +309,8 @@ def run_fit_pca(args: argparse.Namespace) -> int:
     if not paths:
         raise CamRetrievalError(f"no images under {args.images_dir}")
     backbone = load_backbone(args.backbone, weights=args.weights, feature_layer=args.feature_layer)
-    describer = Describer(backbone, size=args.size, device=args.device, pooling=args.pooling)
+    class_list = _class_list(args.class_list, backbone, {})
+    describer = Describer(backbone, size=args.size, device=args.device, pooling=args.pooling, class_list=class_list)
     started = time.perf_counter()
     whitening, failures = fit_whitening(
         describer, paths, args.images_dir, args.dim, args.npca, args.batch_size, args.workers, not args.quiet
@@ -252,39 +320,82 @@ def run_fit_pca(args: argparse.Namespace) -> int:
     _report_failures(failures, len(paths))
     print(
         f"learned {whitening.input_dim} -> {whitening.dim} PCA-whitening from {len(paths) - len(failures)} images "
-        f"({args.backbone}, size {args.size}, pooling {args.pooling}) in {time.perf_counter() - started:.1f} s: {args.pca_file}"
+        f"({args.backbone}, size {args.size}, pooling {args.pooling}"
+        f"{f', class list of {len(class_list)}' if class_list else ''}) in {time.perf_counter() - started:.1f} s: {args.pca_file}"
     )
+    return 0
+
+
+def run_learn_classes(args: argparse.Namespace) -> int:
+    paths = find_images(args.images_dir)
+    if not paths:
+        raise CamRetrievalError(f"no images under {args.images_dir}")
+    backbone = load_backbone(args.backbone, weights=args.weights, feature_layer=args.feature_layer)
+    describer = Describer(backbone, size=args.size, device=args.device)
+    listed, failures = learn_classes(
+        describer, paths, args.images_dir, args.top, args.classes, args.batch_size, args.workers, not args.quiet
+    )
+    listed.save(args.output)
+    _report_failures(failures, len(paths))
+    print(f"learned {len(listed)} classes from the top {listed.top} of {listed.n_images} images ({args.backbone}, "
+          f"size {args.size}): {args.output}")
+    for rank, (index, count) in enumerate(zip(listed.classes[:10], listed.counts[:10]), start=1):
+        name = f"  {listed.names[rank - 1]}" if listed.names else ""
+        print(f"{rank:>4}. class {index:>4} in {count:>5} images{name}")
     return 0
 
 
 def run_index(args: argparse.Namespace) -> int:
     whitening = PCAWhitening.load(args.pca)
     learned = whitening.settings
-    started = time.perf_counter()
-    index, failures = Index.build(
+    class_list = _class_list(args.class_list, args.backbone or learned.get("backbone", DEFAULT_BACKBONE), learned)
+    report = update_index(
+        args.index_dir,
         args.images_dir,
         whitening,
         backbone=args.backbone or learned.get("backbone", DEFAULT_BACKBONE),
         weights=args.weights,
         feature_layer=args.feature_layer or learned.get("feature_layer"),
         size=args.size or learned.get("size", DEFAULT_SIZE),
-        n_classes=args.classes,
+        n_classes=len(class_list) if class_list else args.classes,  # the list comes with the PCA-whitening
+        pooling=args.pooling or learned.get("pooling", DEFAULT_POOLING),
+        keep_maps=False if args.no_maps else None,
         batch_size=args.batch_size,
         workers=args.workers,
         device=args.device,
         progress=not args.quiet,
-        pooling=args.pooling or learned.get("pooling", DEFAULT_POOLING),
-        keep_maps=False if args.no_maps else None,
-        maps_dir=args.index_dir,  # spool the maps beside their final place: save() renames them, no copy
+        commit_every=args.commit_every,
+        ann=args.ann,
+        class_list=class_list,
     )
-    index.save(args.index_dir)
-    elapsed = time.perf_counter() - started
-    _report_failures(failures, len(index) + len(failures))
+    _report_failures(report.failures, report.added + report.updated)
+    if report.failed_before:
+        print(f"{report.failed_before} files that failed before and have not changed were not tried again", file=sys.stderr)
+    if report.missing:
+        print(
+            f"{len(report.missing)} indexed images are no longer in {args.images_dir} and are still searched: "
+            f"camretrieval remove {args.index_dir} --missing drops them",
+            file=sys.stderr,
+        )
+    if report.ann:
+        print(f"approximate index: {report.ann['kind']}, recall@100 {report.ann['recall_at_100']:.3f} against exact search")
+    rate = f" ({report.seconds / report.described:.3f} s per image)" if report.described else ""
     print(
-        f"indexed {len(index)} images in {elapsed:.1f} s ({elapsed / max(len(index), 1):.3f} s per image): "
-        f"{args.index_dir}"
+        f"indexed {report.described} images ({report.added} new files, {report.updated} changed, "
+        f"{len(report.failures)} unusable; {report.unchanged} unchanged) in {report.seconds:.1f} s{rate}: "
+        f"{report.total} images in {args.index_dir}"
     )
     return 0
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    if not args.paths and not args.missing:
+        raise CamRetrievalError("name the images to remove, or --missing for those no longer on disk")
+    removed, unknown = remove_images(args.index_dir, args.paths, args.missing)
+    for path in unknown:
+        print(f"not in the index: {path}", file=sys.stderr)
+    print(f"removed {removed} images from {args.index_dir}")
+    return 0 if not unknown else 1
 
 
 def read_queries_file(path: Path) -> list[tuple[str, Box | None]]:
@@ -339,7 +450,7 @@ def run_search(args: argparse.Namespace) -> int:
         qe=args.qe,
         qe_alpha=args.qe_alpha or 0.0,
     )
-    index = Index.open(args.index_dir, device=args.device)
+    index = Index.open(args.index_dir, device=args.device, exact=args.exact)
     if options.needs_maps and index.maps is None:  # one clear error, not one per query
         index.require_maps("--online" if options.online else "--rerank")
     results, failed = [], 0
@@ -374,9 +485,12 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     size = args.size or learned.get("size", DEFAULT_SIZE)
     pooling = args.pooling or learned.get("pooling", DEFAULT_POOLING)
-    variant = Variant(f"{pooling}" + (f", N_c = {args.classes}" if pooling == "cam" else ""), pooling, args.classes,
+    class_list = _class_list(args.class_list, backbone, learned)
+    n_classes = len(class_list) if class_list else args.classes
+    name = f", class list of {n_classes}" if class_list else f", N_c = {n_classes}"
+    variant = Variant(f"{pooling}" + (name if pooling == "cam" else ""), pooling, n_classes,
                       whiten=whitening is not None or args.pca_images is not None)
-    describer = Describer(backbone, size, args.classes, device=args.device, pooling=pooling)
+    describer = Describer(backbone, size, n_classes, device=args.device, pooling=pooling, class_list=class_list)
     whitenings = {pooling: whitening} if whitening is not None else {}
     if args.pca_images is not None:
         whitenings = fit_variant_whitenings(
@@ -385,10 +499,10 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     [result] = evaluate_variants(
         backbone, dataset, [variant], whitenings, size, args.batch_size, args.workers, args.device, not args.quiet,
-        keep_similarity=args.report is not None,
+        keep_similarity=args.report is not None, class_list=class_list,
     )
     settings = describer.settings.to_dict() | {
-        "n_classes": args.classes, "weights": backbone.weights, "whitening": str(args.pca or args.pca_images or "none"),
+        "n_classes": n_classes, "weights": backbone.weights, "whitening": str(args.pca or args.pca_images or "none"),
         "dataset": dataset.name, "database_images": len(dataset.images), "queries": len(dataset.queries),
     }
     record = result_record(result, settings)
@@ -485,7 +599,9 @@ def run_explain(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "fit-pca": run_fit_pca,
+    "learn-classes": run_learn_classes,
     "index": run_index,
+    "remove": run_remove,
     "search": run_search,
     "eval": run_eval,
     "tables": run_tables,

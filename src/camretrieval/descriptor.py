@@ -22,6 +22,7 @@ from tqdm import tqdm
 from .aggregation import aggregate
 from .backbones import Backbone, FeatureMaps
 from .cams import class_activation_maps, class_logits, normalize_cams, resize_cams, top_classes
+from .classlist import ClassList, check_class_indices
 from .errors import CamRetrievalError
 from .images import ImageFileDataset, check_image_size, collate_loaded, load_image, preprocess
 from .pooling import channel_weights, class_vectors, crow_pooling, gem_pooling, max_pooling, regional_max_pooling, sum_pooling
@@ -54,9 +55,20 @@ class ExtractionSettings:
     cam_layer: str
     size: int
     pooling: str = DEFAULT_POOLING
+    class_list: tuple[int, ...] | None = None  # a fixed list of classes aggregated for every image (section 4.3)
+
+    def __post_init__(self) -> None:
+        if self.class_list is not None:
+            object.__setattr__(self, "class_list", tuple(int(c) for c in self.class_list))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as JSON-ready values; ``class_list`` only when there is one (each image's own classes)."""
+        settings = asdict(self)
+        if self.class_list is None:
+            del settings["class_list"]
+        else:
+            settings["class_list"] = list(self.class_list)
+        return settings
 
 
 @dataclass
@@ -69,9 +81,21 @@ class PooledVectors:
     classes: torch.Tensor | None = None
 
 
-def class_weighted_vectors(maps: FeatureMaps, weight: torch.Tensor, bias: torch.Tensor | None, n_classes: int) -> PooledVectors:
-    """METHOD.md sections 1-2 on a batch: top-N_c classes, their CAMs (Eq. 1, normalised), and Eq. 2-4."""
-    classes = top_classes(class_logits(maps.cam_activations, weight, bias), n_classes)
+def class_weighted_vectors(
+    maps: FeatureMaps,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    n_classes: int,
+    class_list: torch.Tensor | Sequence[int] | None = None,
+) -> PooledVectors:
+    """METHOD.md sections 1-2 on a batch: top-N_c classes, their CAMs (Eq. 1, normalised), and Eq. 2-4. With a
+    ``class_list`` (section 4.3, :mod:`camretrieval.classlist`), every image's classes are that list's first
+    ``n_classes`` instead of its own top classes."""
+    if class_list is None:
+        classes = top_classes(class_logits(maps.cam_activations, weight, bias), n_classes)
+    else:
+        listed = torch.as_tensor(class_list, dtype=torch.long, device=weight.device)[:n_classes]
+        classes = listed.expand(maps.cam_activations.shape[0], -1)
     cams = normalize_cams(class_activation_maps(maps.cam_activations, weight, classes))
     cams = resize_cams(cams, tuple(maps.features.shape[-2:]))
     return PooledVectors(class_vectors(maps.features, cams), classes)
@@ -82,11 +106,17 @@ _BASELINES = {"sum": sum_pooling, "sum-cw": lambda x: sum_pooling(x) * channel_w
 
 
 def pooled_vectors(
-    maps: FeatureMaps, pooling: str, weight: torch.Tensor, bias: torch.Tensor | None, n_classes: int
+    maps: FeatureMaps,
+    pooling: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    n_classes: int,
+    class_list: torch.Tensor | Sequence[int] | None = None,
 ) -> PooledVectors:
-    """The vectors of ``pooling`` (see :data:`POOLINGS`) on a batch of maps; ``n_classes`` only matters for "cam"."""
+    """The vectors of ``pooling`` (see :data:`POOLINGS`) on a batch of maps; ``n_classes`` and ``class_list`` only
+    matter for "cam"."""
     if pooling == "cam":
-        return class_weighted_vectors(maps, weight, bias, n_classes)
+        return class_weighted_vectors(maps, weight, bias, n_classes, class_list)
     if pooling == "rmac":
         return PooledVectors(F.normalize(regional_max_pooling(maps.features), dim=-1))
     if pooling not in _BASELINES:
@@ -115,6 +145,11 @@ class Describer:
     """Turns images into descriptors D_I: class-weighted (pooling "cam") or a baseline pooling; unwhitened without a
     whitening (the "raw" rows of the paper).
 
+    ``class_list`` (a :class:`camretrieval.classlist.ClassList` or class indices, section 4.3): every image is
+    aggregated over exactly those classes instead of its own top N_c (N_c is then the list's length; asked for
+    fewer classes, the list's first ones are used). It is part of the extraction settings; a whitening learned with
+    a class list brings it (default), and refuses any other.
+
     >>> describer = Describer(load_backbone("efficientnet_lite0"), size=512, whitening=PCAWhitening.load("pca.npz"))
     >>> descriptors = describer.describe(["a.jpg", "b.jpg"])          # N x 512, l2-normalised
     >>> query = describer.describe(["q.jpg"], boxes=[(10, 20, 200, 300)])
@@ -128,6 +163,7 @@ class Describer:
         whitening: PCAWhitening | None = None,
         device: str | torch.device = "cpu",
         pooling: str = DEFAULT_POOLING,
+        class_list: "ClassList | Sequence[int] | None" = None,
     ) -> None:
         if pooling not in POOLINGS:
             raise CamRetrievalError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
@@ -138,9 +174,20 @@ class Describer:
         self.device = torch.device(device)
         self.backbone = backbone.to(self.device).eval()
         self.size = size
-        self.n_classes = n_classes
         self.pooling = pooling
-        self.settings = ExtractionSettings(backbone.name, backbone.feature_layer, backbone.cam_layer, size, pooling)
+        self.class_list: torch.Tensor | None = None
+        if class_list is None and whitening is not None and whitening.settings.get("class_list"):
+            class_list = whitening.settings["class_list"]  # a whitening learned with a list applies to that list only
+        if class_list is not None:
+            if pooling != "cam":
+                raise CamRetrievalError(f"a class list applies to the class-weighted pooling (cam), not {pooling!r}")
+            indices = class_list.check(backbone).classes if isinstance(class_list, ClassList) else tuple(class_list)
+            check_class_indices(indices, backbone.classifier_weight.shape[0])
+            self.class_list = torch.tensor(indices, dtype=torch.long, device=self.device)
+            n_classes = len(indices)
+        self.n_classes = n_classes
+        listed = tuple(self.class_list.tolist()) if self.class_list is not None else None
+        self.settings = ExtractionSettings(backbone.name, backbone.feature_layer, backbone.cam_layer, size, pooling, listed)
         self.whitening = whitening
         if whitening is not None:
             check_whitening(whitening, self.settings)
@@ -152,7 +199,8 @@ class Describer:
         return self.backbone(images.to(self.device))
 
     def pooled_vectors(self, maps: FeatureMaps, n_classes: int | None = None) -> PooledVectors:
-        """The vectors of this describer's pooling: class vectors of the top ``n_classes`` (default N_c)."""
+        """The vectors of this describer's pooling: class vectors of the top ``n_classes`` (default N_c), or of the
+        class list's first ``n_classes`` (default: all of it)."""
         with torch.inference_mode():
             return pooled_vectors(
                 maps,
@@ -160,6 +208,7 @@ class Describer:
                 self.backbone.classifier_weight,
                 self.backbone.classifier_bias,
                 n_classes or self.n_classes,
+                self.class_list,
             )
 
     def aggregate(self, vectors: PooledVectors) -> torch.Tensor:
@@ -310,9 +359,10 @@ class Describer:
 def check_whitening(whitening: PCAWhitening, settings: ExtractionSettings) -> None:
     """A whitening applies only to class vectors extracted with the settings it was learned with."""
     learned = whitening.settings
+    used = settings.to_dict() | {"class_list": settings.to_dict().get("class_list")}
     mismatches = [
-        f"{key}: learned with {learned.get(key)!r}, used with {value!r}"
-        for key, value in settings.to_dict().items()
+        f"{key}: learned with {_setting_text(key, learned.get(key))}, used with {_setting_text(key, value)}"
+        for key, value in used.items()
         if learned.get(key) != value
     ]
     if mismatches:
@@ -320,6 +370,12 @@ def check_whitening(whitening: PCAWhitening, settings: ExtractionSettings) -> No
             "the PCA-whitening was learned with other settings (" + "; ".join(mismatches) + "). "
             "Use the same settings, or learn a new one with camretrieval fit-pca"
         )
+
+
+def _setting_text(key: str, value: object) -> str:
+    if key == "class_list":
+        return f"a fixed list of {len(value)} classes" if value else "each image's own top classes"
+    return repr(value)
 
 
 def fit_whitening(
@@ -332,8 +388,9 @@ def fit_whitening(
     workers: int = 2,
     progress: bool = True,
 ) -> tuple[PCAWhitening, list[FileFailure]]:
-    """Learn PCA-whitening on the top-``n_pca`` class vectors of every image (METHOD.md section 3), or for a
-    baseline pooling on its vectors (every region for R-MAC)."""
+    """Learn PCA-whitening on the top-``n_pca`` class vectors of every image (METHOD.md section 3; with a class list,
+    the vectors of its first ``n_pca`` classes, as the descriptor aggregates them), or for a baseline pooling on its
+    vectors (every region for R-MAC)."""
     vectors, owners, failures = describer.vectors_of_files(paths, n_pca, root, batch_size, workers, progress)
     if len(vectors) == 0:
         raise CamRetrievalError("no usable images to learn the PCA-whitening from")

@@ -71,7 +71,8 @@ class _PoolingTimer:
             backbone = self.describer.backbone
             with torch.inference_mode():
                 vectors = pooled_vectors(
-                    maps, pooling, backbone.classifier_weight, backbone.classifier_bias, self.cam_classes or 1
+                    maps, pooling, backbone.classifier_weight, backbone.classifier_bias, self.cam_classes or 1,
+                    self.describer.class_list,
                 ).vectors
             pooled[pooling] = vectors.half()
             self.seconds[pooling] += time.perf_counter() - started
@@ -164,10 +165,12 @@ def evaluate_variants(
     device: str = "cpu",
     progress: bool = True,
     keep_similarity: bool = False,
+    class_list: Sequence[int] | None = None,
 ) -> list[VariantResult]:
     """Describe the dataset once and score every variant with the dataset's own protocol. ``keep_similarity``
-    keeps each variant's queries x database similarities in its result (for ``eval --report``)."""
-    describer = Describer(backbone, size, device=device)
+    keeps each variant's queries x database similarities in its result (for ``eval --report``). ``class_list``: the
+    "cam" variants aggregate the first N_c classes of that fixed list (section 4.3) instead of each image's own."""
+    describer = Describer(backbone, size, device=device, class_list=class_list)
     pooled, timer, seconds, failures = _pool_files(
         describer, variants, dataset.images, dataset.root, batch_size, workers, progress
     )

@@ -1,25 +1,20 @@
-"""An index of a folder of images: descriptors, their paths, the settings that made them, and a FAISS index.
+"""An index of a collection of images: descriptors, their paths, the settings that made them, and FAISS search.
 
-On disk, an index folder holds (none of them a pickle):
+On disk an index is a folder that grows and shrinks (:mod:`camretrieval.store`: a SQLite catalog, immutable shards of
+descriptors and float16 feature maps, the whitening; no pickles); :func:`camretrieval.indexing.update_index` grows
+it, :meth:`Index.open` reads the collection as of the last commit into memory, and :meth:`Index.build` /
+:meth:`Index.save` make and write one in a single step.
 
-- ``index.json``: format version, extraction settings, number of classes, the indexed folder, counts;
-- ``paths.json``: image paths relative to the indexed folder, in descriptor order;
-- ``descriptors.npy``: N x dim float32, l2-normalised;
-- ``whitening.npz``: the PCA-whitening the descriptors were made with (queries need it too), absent when none;
-- ``faiss.index``: an exact inner-product FAISS index (cosine similarity, as the descriptors are l2-normalised);
-- ``features_maps.npy`` + ``features_maps_table.npy`` (and ``cam_activations_maps*`` when the CAM layer is another
-  layer): every image's maps in float16, for query-time refinement (:mod:`camretrieval.mapstore`); absent when the
-  index was built with ``keep_maps=False`` (``camretrieval index --no-maps``).
-
-Query-time refinement (METHOD.md sections 3 and 5) is chosen with :class:`SearchOptions`: online aggregation (OnA)
-with the query's classes, re-ranking of the top-R with CAM regions, and (alpha-)query expansion, all computed from
-the stored maps and descriptors: no database image is decoded or forwarded at query time, and none of the stored
-data is ever modified.
+Search is exact (FAISS inner product over l2-normalised descriptors, so cosine similarity) unless the index was built
+with an approximate FAISS index (``camretrieval index --ann``). Query-time refinement (METHOD.md sections 3 and 5)
+is chosen with :class:`SearchOptions`: online aggregation (OnA) with the query's classes, re-ranking of the top-R
+with CAM regions, and (alpha-)query expansion, all computed from the stored maps and descriptors: no database image
+is decoded or forwarded at query time, and none of the stored data is ever modified.
 """
 
 from __future__ import annotations
 
-import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,25 +30,12 @@ from .descriptor import DEFAULT_BACKBONE, DEFAULT_CLASSES, DEFAULT_POOLING, DEFA
 from .errors import CamRetrievalError
 from .expansion import expanded_query
 from .images import find_images
-from .mapstore import (
-    MapStore,
-    MapStoreWriter,
-    MapsNotStoredError,
-    write_atomically,
-    describe_store,
-    maps_missing_message,
-)
+from .mapstore import MapStore, MapStoreWriter, MapsNotStoredError, maps_missing_message
 from .online import online_descriptors
 from .regions import Box
 from .reranking import DEFAULT_RERANK_CLASSES, region_scores, rerank_order
+from .store import DESCRIPTORS, FileState, IndexFileError, IndexStore, Snapshot, new_shard_folder, publish_shard, rebuild_hint
 from .whitening import PCAWhitening
-
-FORMAT = "camretrieval-index"
-FORMAT_VERSION = 1
-
-
-class IndexFileError(CamRetrievalError):
-    """An index folder that is missing, incomplete, or from an incompatible version."""
 
 
 @dataclass
@@ -207,6 +189,7 @@ class Index:
         pooling: str = DEFAULT_POOLING,
         keep_maps: bool | None = None,
         maps_dir: str | Path | None = None,
+        class_list: Sequence[int] | None = None,
     ) -> tuple["Index", list[FileFailure]]:
         """Describe every image under ``image_root`` (recursively). Returns the index and the files skipped.
 
@@ -216,7 +199,11 @@ class Index:
         ``keep_maps`` (default: for the class-weighted pooling) also stores every image's maps in float16 for
         online aggregation and re-ranking (about 0.7 MB per 448 x 597 image with efficientnet_lite0, 266 cells x
         1280 channels x 2 bytes); they are streamed to spool files in ``maps_dir`` (default: a temporary folder;
-        give the index folder to avoid a copy across file systems) and moved into the index folder by :meth:`save`."""
+        give the index folder to avoid a copy across file systems) and moved into the index folder by :meth:`save`.
+
+        ``class_list`` (a :class:`camretrieval.classlist.ClassList` or class indices; default: the whitening's, if it
+        was learned with one): every image aggregated over exactly those classes (paper section 4.3), N_c = its
+        length; recorded in the settings, so queries are described alike."""
         image_root = Path(image_root)
         paths = find_images(image_root)
         if not paths:
@@ -229,6 +216,7 @@ class Index:
             whitening,
             device,
             pooling,
+            class_list,
         )
         if keep_maps is None:
             keep_maps = pooling == "cam"
@@ -241,7 +229,7 @@ class Index:
             )
         if not done:
             raise CamRetrievalError(f"none of the {len(paths)} images under {image_root} could be read")
-        settings = describer.settings.to_dict() | {"n_classes": n_classes, "weights": weights}
+        settings = describer.settings.to_dict() | {"n_classes": describer.n_classes, "weights": weights}
         index = cls(descriptors, [paths[i] for i in done], whitening, settings, image_root.resolve(), maps=store)
         index._maps_spooled = store is not None
         index._describer = describer
@@ -250,68 +238,82 @@ class Index:
     # --- files ---
 
     def save(self, index_dir: str | Path) -> None:
-        index_dir = Path(index_dir)
-        index_dir.mkdir(parents=True, exist_ok=True)
-        header = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "settings": self.settings,
-            "image_root": str(self.image_root) if self.image_root else None,
-            "count": len(self),
-            "dim": int(self.descriptors.shape[1]),
-            "whitened": self.whitening is not None,
-            "maps": describe_store(self.maps) if self.maps is not None else None,
-        }
-        # Write each file beside its final name, then rename: a crash never leaves a half-written file in place.
-        write_atomically(index_dir / "descriptors.npy", lambda f: np.save(f, self.descriptors))
-        write_atomically(index_dir / "paths.json", lambda f: f.write(json.dumps(self.paths).encode()))
-        if self.whitening is not None:
-            write_atomically(index_dir / "whitening.npz", self.whitening.save)
-        write_atomically(index_dir / "faiss.index", lambda f: f.write(faiss.serialize_index(self.faiss_index).tobytes()))
-        if self.maps is not None:
-            self.maps.save(index_dir, move=self._maps_spooled)
-        write_atomically(index_dir / "index.json", lambda f: f.write(json.dumps(header, indent=2).encode()))
-        if self.maps is None:
-            MapStore.remove_from(index_dir)  # maps of an index saved here before would not match this one
-        elif self._maps_spooled:
-            # The spool files were moved into the folder: read them from there from now on.
-            self.maps = MapStore.open(index_dir, self.maps.separate_cam_layer, len(self))
+        """Write this index into ``index_dir`` as a store (:mod:`camretrieval.store`), replacing any index there, in
+        one commit: a crash leaves either the old index or this one. To grow an index, use
+        :func:`camretrieval.indexing.update_index` (``camretrieval index``) instead."""
+        with IndexStore.writing(index_dir) as store:
+            name, folder = new_shard_folder(store.directory)
+            try:
+                np.save(folder / DESCRIPTORS, self.descriptors)
+                if self.maps is not None:
+                    self.maps.save(folder, move=self._maps_spooled)
+                publish_shard(store.directory, name, folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            rows = [(path, _file_state(self.image_root, path), row) for row, path in enumerate(self.paths)]
+            store.commit(name, rows, meta=self.store_meta(store.save_whitening(self.whitening)), replace=True)
+            store.delete_unused_files()
+        if self._maps_spooled:  # the spool files were moved into the shard: read them from there from now on
+            self.maps = MapStore.open(store.shard_path(name), self.maps.separate_cam_layer, len(self))
             self._maps_spooled = False
 
+    def store_meta(self, whitening_file: str | None) -> dict:
+        """What the store's meta table records about this index."""
+        return {
+            "settings": self.settings,
+            "image_root": str(self.image_root) if self.image_root else None,
+            "dim": int(self.descriptors.shape[1]),
+            "whitening": whitening_file,
+            "maps": {"separate_cam_layer": self.maps.separate_cam_layer} if self.maps is not None else None,
+        }
+
     @classmethod
-    def open(cls, index_dir: str | Path, device: str = "cpu") -> "Index":
-        """Open a saved index; queries will be described on ``device``."""
-        index_dir = Path(index_dir)
-        header_file = index_dir / "index.json"
-        if not header_file.is_file():
-            raise IndexFileError(
-                f"no camretrieval index at {index_dir} (index.json missing): build one with "
-                f"camretrieval index IMAGES_DIR {index_dir} --pca PCA_FILE"
-            )
+    def open(cls, index_dir: str | Path, device: str = "cpu", exact: bool = False) -> "Index":
+        """Open a saved index; queries will be described on ``device``. Searches use the index's approximate FAISS
+        index when it has one (``camretrieval index --ann``), unless ``exact``.
+
+        What is opened is the index as of its last commit: a writer adding images meanwhile is not waited for."""
+        for attempt in range(3):
+            store = IndexStore.open(index_dir)
+            try:
+                return cls._from_snapshot(store, store.snapshot(), device, exact)
+            except FileNotFoundError as error:  # a writer deleted a shard no longer used after our snapshot: look again
+                if attempt == 2:
+                    raise IndexFileError(
+                        f"the index at {index_dir} is incomplete or damaged ({error}): rebuild it with "
+                        f"{rebuild_hint(Path(index_dir))}"
+                    ) from error
+            finally:
+                store.close()
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _from_snapshot(cls, store: IndexStore, snapshot: Snapshot, device: str, exact: bool) -> "Index":
+        meta = snapshot.meta
+        if "settings" not in meta:
+            raise IndexFileError(f"the index at {store.directory} holds no images yet: {rebuild_hint(store.directory)}")
+        shard_of, rows = np.asarray(snapshot.shard_of, dtype=np.int64), np.asarray(snapshot.rows, dtype=np.int64)
+        descriptors = np.zeros((len(rows), meta.get("dim", 0)), dtype=np.float32)
+        shard_maps = []
         try:
-            header = json.loads(header_file.read_text())
-        except (OSError, ValueError) as error:
-            raise IndexFileError(f"{header_file} is unreadable ({error}): rebuild the index") from error
-        if header.get("format") != FORMAT:
-            raise IndexFileError(f"{index_dir} is not a camretrieval index")
-        if header.get("version") != FORMAT_VERSION:
+            whitening = PCAWhitening.load(store.directory / meta["whitening"]) if meta.get("whitening") else None
+            for number, name in enumerate(snapshot.shards):
+                mine = shard_of == number
+                stored = np.load(store.shard_path(name) / DESCRIPTORS, mmap_mode="r", allow_pickle=False)
+                descriptors[mine] = stored[rows[mine]]
+                if meta.get("maps"):
+                    shard_maps.append(MapStore.open(store.shard_path(name), meta["maps"]["separate_cam_layer"]))
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, IndexError, CamRetrievalError) as error:
             raise IndexFileError(
-                f"{index_dir} was written in index format {header.get('version')}; this camretrieval reads "
-                f"format {FORMAT_VERSION}: rebuild it with camretrieval index"
-            )
-        try:
-            descriptors = np.load(index_dir / "descriptors.npy", allow_pickle=False)
-            paths = json.loads((index_dir / "paths.json").read_text())
-            whitening = PCAWhitening.load(index_dir / "whitening.npz") if header.get("whitened", True) else None
-            faiss_index = faiss.deserialize_index(np.fromfile(index_dir / "faiss.index", dtype=np.uint8))
-        except (OSError, ValueError, RuntimeError, CamRetrievalError) as error:
-            raise IndexFileError(f"the index at {index_dir} is incomplete or damaged ({error}): rebuild it") from error
-        shape = (header["count"], header["dim"])
-        if len(paths) != shape[0] or descriptors.shape != shape or (faiss_index.ntotal, faiss_index.d) != shape:
-            raise IndexFileError(f"the index at {index_dir} is inconsistent (counts differ): rebuild it")
-        maps_info = header.get("maps")
-        maps = MapStore.open(index_dir, maps_info["separate_cam_layer"], shape[0]) if maps_info else None
-        index = cls(descriptors, paths, whitening, header["settings"], header.get("image_root"), faiss_index, maps)
+                f"the index at {store.directory} is incomplete or damaged ({error}): rebuild it with "
+                f"{rebuild_hint(store.directory)}"
+            ) from error
+        maps = MapStore.gather(shard_maps, shard_of, rows) if meta.get("maps") else None
+        faiss_index = None if exact else store.load_ann(snapshot)
+        index = cls(descriptors, snapshot.paths, whitening, meta["settings"], meta.get("image_root"), faiss_index, maps)
         index.device = device
         return index
 
@@ -324,7 +326,8 @@ class Index:
             s = self.settings
             backbone = load_backbone(s["backbone"], weights=s.get("weights"), feature_layer=s["feature_layer"])
             self._describer = Describer(
-                backbone, s["size"], s["n_classes"], self.whitening, self.device, s.get("pooling", DEFAULT_POOLING)
+                backbone, s["size"], s["n_classes"], self.whitening, self.device, s.get("pooling", DEFAULT_POOLING),
+                s.get("class_list"),
             )
         return self._describer
 
@@ -506,6 +509,15 @@ class Index:
         allowed[ranking.ids] = True
         ids = self._order(scores, allowed)
         return Ranking(ids, scores[ids], ranking.base, dict(ranking.overrides), query=query)
+
+
+def _file_state(root: Path | None, path: str) -> FileState:
+    """The file's state as :func:`camretrieval.indexing.update_index` compares it; (-1, -1), never equal to a real
+    file's, when the file is not there (it will be described again if it appears)."""
+    try:
+        return FileState.of(root / path) if root is not None else FileState(-1, -1)
+    except OSError:
+        return FileState(-1, -1)
 
 
 def _describe_and_keep_maps(

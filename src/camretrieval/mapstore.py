@@ -6,7 +6,7 @@ feature layer's maps X, and the CAM layer's activations A only when that layer d
 (efficientnet_lite*, resnet50 and densenet161 use one layer for both; VGG-16-CAM does not). From X and A any class's
 CAM (Eq. 1), any region's crop and any class vector (Eq. 2-4) can be recomputed exactly as at index time.
 
-Layout of one layer, in the index folder (plain ``.npy`` files, read with ``allow_pickle=False``):
+Layout of one layer, in each shard folder of an index (:mod:`camretrieval.store`; plain ``.npy`` files, read with ``allow_pickle=False``):
 
 - ``<layer>_maps.npy``: float16, shape (total cells, K): every image's H x W cells in row-major order, one row of
   K channels per cell ("cell-major": CAMs and class vectors are then plain matrix products with the rows);
@@ -86,37 +86,72 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
 
 @dataclass
 class RaggedMaps:
-    """One layer's maps of N images: ``cells`` (total cells x K, float16, usually memory-mapped), ``table``
-    (N x 3 int64: offset, height, width) and ``positives`` (N x K int32: the number of cells where each channel is
-    positive; computed from ``cells`` when not given)."""
+    """One layer's maps of N images: ``parts`` (arrays of cells x K, float16, usually memory-mapped: one per shard of
+    the index), ``table`` (N x 3 int64: the image's first row in its part, height, width), ``part`` (N: which part
+    each image is in; all in part 0 when not given) and ``positives`` (N x K int32: the number of cells where each
+    channel is positive; computed from the cells when not given)."""
 
-    cells: np.ndarray
+    parts: list[np.ndarray]
     table: np.ndarray
     positives: np.ndarray | None = None
+    part: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if self.cells.ndim != 2 or self.table.ndim != 2 or self.table.shape[1] != 3:
-            raise CamRetrievalError(f"maps of shape {self.cells.shape} with a table of shape {self.table.shape}")
+        if isinstance(self.parts, np.ndarray):
+            self.parts = [self.parts]
+        if self.part is None:
+            self.part = np.zeros(len(self.table), dtype=np.int64)
+        if any(cells.ndim != 2 or cells.shape[1] != self.parts[0].shape[1] for cells in self.parts):
+            raise CamRetrievalError(f"maps parts of shapes {[cells.shape for cells in self.parts]}")
+        if self.table.ndim != 2 or self.table.shape[1] != 3 or self.part.shape != (len(self.table),):
+            raise CamRetrievalError(f"a maps table of shape {self.table.shape} with {self.part.shape} part numbers")
         if self.positives is None:
             self.positives = np.stack([count_positives(self.image(i).reshape(-1, self.channels)) for i in range(len(self.table))]) \
                 if len(self.table) else np.zeros((0, self.channels), dtype=np.int32)
         if self.positives.shape != (len(self.table), self.channels):
             raise CamRetrievalError(f"positive counts of shape {self.positives.shape} for {len(self.table)} images")
-        ends = self.table[:, 0] + self.table[:, 1] * self.table[:, 2]
-        if len(self.table) and (self.table.min() < 0 or ends.max() > len(self.cells)):
-            raise CamRetrievalError("the maps table points outside the maps file")
+        if len(self.table):
+            ends = self.table[:, 0] + self.table[:, 1] * self.table[:, 2]
+            sizes = np.array([len(cells) for cells in self.parts])
+            if self.table.min() < 0 or self.part.min() < 0 or self.part.max() >= len(sizes) or (ends > sizes[self.part]).any():
+                raise CamRetrievalError("the maps table points outside the maps files")
+
+    @classmethod
+    def gather(cls, layers: Sequence["RaggedMaps"], which: np.ndarray, rows: np.ndarray) -> "RaggedMaps":
+        """The maps of images taken from several single-part layers (one per shard): image i is image ``rows[i]``
+        of ``layers[which[i]]``. Nothing is copied but the tables: the cells stay where they are."""
+        which, rows = np.asarray(which, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+        channels = layers[0].channels if layers else 0
+        table = np.zeros((len(rows), 3), dtype=np.int64)
+        positives = np.zeros((len(rows), channels), dtype=np.int32)
+        for number, layer in enumerate(layers):
+            if len(layer.parts) != 1:
+                raise CamRetrievalError("RaggedMaps.gather takes single-part layers")
+            mine = which == number
+            table[mine] = layer.table[rows[mine]]
+            positives[mine] = layer.positives[rows[mine]]
+        parts = [layer.parts[0] for layer in layers] or [np.zeros((0, channels), MAPS_DTYPE)]
+        return cls(parts, table, positives, which)
 
     @property
     def channels(self) -> int:
-        return int(self.cells.shape[1])
+        return int(self.parts[0].shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(cells.nbytes for cells in self.parts) + self.table.nbytes
 
     def shape(self, image: int) -> tuple[int, int]:
         return int(self.table[image, 1]), int(self.table[image, 2])
 
+    def _cells(self, image: int, count: int) -> np.ndarray:
+        offset = int(self.table[image, 0])
+        return self.parts[int(self.part[image])][offset : offset + count]
+
     def image(self, image: int) -> np.ndarray:
         """The stored maps of one image, H x W x K float16 (a view of the file)."""
-        offset, height, width = (int(v) for v in self.table[image])
-        return self.cells[offset : offset + height * width].reshape(height, width, self.channels)
+        height, width = self.shape(image)
+        return self._cells(image, height * width).reshape(height, width, self.channels)
 
     def load(self, images: Sequence[int] | np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
         """The maps of images that all have the same H x W, as one float32 tensor B x H x W x K (cell-major)."""
@@ -128,9 +163,9 @@ class RaggedMaps:
         out = torch.empty(len(images), height * width, self.channels, dtype=torch.float32)
         with warnings.catch_warnings():  # torch warns that the memory map is read-only; it is only read
             warnings.simplefilter("ignore", UserWarning)
-            for row, offset in enumerate(self.table[images, 0].tolist()):
+            for row, image in enumerate(images.tolist()):
                 # One pass per image: float16 -> float32 during the copy out of the page cache.
-                out[row].copy_(torch.from_numpy(self.cells[offset : offset + height * width]))
+                out[row].copy_(torch.from_numpy(self._cells(image, height * width)))
         return out.reshape(len(images), height, width, -1).to(device)
 
 
@@ -155,8 +190,16 @@ class MapStore:
         return self.cam_activations if self.cam_activations is not None else self.features
 
     def nbytes(self) -> int:
-        layers = [self.features] + ([self.cam_activations] if self.cam_activations is not None else [])
-        return sum(layer.cells.nbytes + layer.table.nbytes for layer in layers)
+        return self.features.nbytes + (self.cam_activations.nbytes if self.cam_activations is not None else 0)
+
+    @classmethod
+    def gather(cls, stores: Sequence["MapStore"], which: np.ndarray, rows: np.ndarray) -> "MapStore":
+        """The maps of images taken from several stores (one per shard): image i is image ``rows[i]`` of
+        ``stores[which[i]]``."""
+        features = RaggedMaps.gather([store.features for store in stores], which, rows)
+        separate = bool(stores) and stores[0].separate_cam_layer
+        activations = RaggedMaps.gather([store.cam_activations for store in stores], which, rows) if separate else None
+        return cls(features, activations)
 
     def shape_groups(self, images: Sequence[int] | np.ndarray, max_batch: int = 64) -> list[np.ndarray]:
         """``images`` split into batches of at most ``max_batch`` whose maps (of both layers) have the same shape,
@@ -184,13 +227,9 @@ class MapStore:
 
     # --- files ---
 
-    @staticmethod
-    def stored_in(directory: str | Path) -> bool:
-        return (Path(directory) / maps_file_names("features")[0]).is_file()
-
     @classmethod
     def open(cls, directory: str | Path, separate_cam_layer: bool, count: int | None = None) -> "MapStore":
-        """Open the maps of an index folder, memory-mapped (never unpickled)."""
+        """Open the maps of a shard of an index, memory-mapped (never unpickled)."""
         directory = Path(directory)
         layers = []
         for layer in LAYERS[: 2 if separate_cam_layer else 1]:
@@ -215,41 +254,45 @@ class MapStore:
         return store
 
     def save(self, directory: str | Path, move: bool = False) -> None:
-        """Write this store's files into ``directory`` (an index folder), each beside its final name then renamed.
-        ``move``: the files are a spool of :class:`MapStoreWriter` that may be moved rather than copied."""
+        """Write this store's files into ``directory`` (a new shard folder). ``move``: the cells are a spool of
+        :class:`MapStoreWriter` that may be moved rather than copied. Maps gathered from several shards are written
+        out image by image into one file."""
         directory = Path(directory)
         for layer, maps in zip(LAYERS, (self.features, self.cam_activations)):
             if maps is None:
                 continue
             cells_name, table_name, positives_name = maps_file_names(layer)
             target = directory / cells_name
-            source = Path(maps.cells.filename) if isinstance(maps.cells, np.memmap) and maps.cells.filename else None
-            if source is not None and target.exists() and os.path.samefile(source, target):
-                pass  # saving an index back into its own folder: the cells are already there
-            elif source is not None:
-                partial = target.with_name(target.name + ".partial")
+            (cells,) = maps.parts if len(maps.parts) == 1 else (None,)
+            table = maps.table
+            if isinstance(cells, np.memmap) and cells.filename:
                 if move:
                     try:
-                        os.replace(source, partial)
+                        os.replace(cells.filename, target)
                     except OSError:  # another file system: copy instead
-                        shutil.copyfile(source, partial)
+                        shutil.copyfile(cells.filename, target)
                 else:
-                    shutil.copyfile(source, partial)
-                with open(partial, "rb+") as file:
-                    os.fsync(file.fileno())
-                os.replace(partial, target)
+                    shutil.copyfile(cells.filename, target)
+            elif cells is not None:
+                write_atomically(target, lambda f, a=cells: np.save(f, np.ascontiguousarray(a, dtype=MAPS_DTYPE)))
             else:
-                write_atomically(target, lambda f, a=maps.cells: np.save(f, np.ascontiguousarray(a, dtype=MAPS_DTYPE)))
-            write_atomically(directory / table_name, lambda f, t=maps.table: np.save(f, t))
+                table = self._write_compacted(maps, target)
+            write_atomically(directory / table_name, lambda f, t=table: np.save(f, t))
             write_atomically(directory / positives_name, lambda f, p=maps.positives: np.save(f, p))
 
     @staticmethod
-    def remove_from(directory: str | Path) -> None:
-        """Delete stored maps from an index folder (when the index saved there has none: stale files would
-        otherwise keep disk space and could be mistaken for this index's)."""
-        for layer in LAYERS:
-            for name in maps_file_names(layer):
-                (Path(directory) / name).unlink(missing_ok=True)
+    def _write_compacted(maps: RaggedMaps, target: Path) -> np.ndarray:
+        """Write the images' cells one after the other into one ``.npy`` file; returns the new table."""
+        sizes = maps.table[:, 1] * maps.table[:, 2]
+        table = np.stack([np.concatenate([[0], np.cumsum(sizes)[:-1]]), maps.table[:, 1], maps.table[:, 2]], axis=1)
+
+        def write(file) -> None:
+            file.write(_npy_header((int(sizes.sum()), maps.channels)))
+            for image, size in enumerate(sizes.tolist()):
+                file.write(np.ascontiguousarray(maps._cells(image, size), dtype=MAPS_DTYPE).tobytes())
+
+        write_atomically(target, write)
+        return table.astype(np.int64)
 
 
 class MapStoreWriter:
@@ -339,15 +382,3 @@ def write_atomically(path: Path, write) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(partial, path)
-
-
-def describe_store(store: MapStore) -> dict:
-    """What the index header records about its maps."""
-    return {
-        "dtype": MAPS_DTYPE.str,
-        "layout": "cells x channels, row-major cells per image; table: offset, height, width",
-        "separate_cam_layer": store.separate_cam_layer,
-        "feature_channels": store.features.channels,
-        "cells": int(len(store.features.cells)),
-        "bytes": int(store.nbytes()),
-    }

@@ -66,6 +66,15 @@ class PCAWhitening:
         self.dim = dim
         return self
 
+    def same_as(self, other: "PCAWhitening") -> bool:
+        """Whether two whitenings transform every vector identically (e.g. loaded from copies of one file)."""
+        self._check_fitted()
+        other._check_fitted()
+        return all(
+            np.array_equal(mine, theirs)
+            for mine, theirs in [(self.mean, other.mean), (self.components, other.components), (self.eigenvalues, other.eigenvalues)]
+        )
+
     def transform(self, vectors: torch.Tensor) -> torch.Tensor:
         """Whiten vectors (... x K) -> (... x dim). Not normalised: aggregation l2-normalises afterwards."""
         self._check_fitted()

@@ -1,0 +1,359 @@
+"""Growing and shrinking an index folder (:mod:`camretrieval.store`) as a collection changes.
+
+:func:`update_index` (``camretrieval index``) describes only the images that are new or changed since the last run
+(by size and modification time) and commits them in shards of ``commit_every`` images: interrupted at any moment, it
+loses at most the shard in progress, and the next run goes on from there. :func:`remove_images`
+(``camretrieval remove``) forgets images. Both hold the index's writer lock; searching meanwhile is fine.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .ann import ANN_KINDS, build_search_index, measure_recall
+from .backbones import load_backbone
+from .descriptor import DEFAULT_BACKBONE, DEFAULT_CLASSES, DEFAULT_POOLING, DEFAULT_SIZE, Describer, FileFailure
+from .errors import CamRetrievalError
+from .images import find_images
+from .index import Index
+from .mapstore import MapStoreWriter
+from .store import DESCRIPTORS, FileState, IndexFileError, IndexStore, new_shard_folder, publish_shard
+from .whitening import PCAWhitening
+
+DEFAULT_COMMIT_EVERY = 256
+
+
+@dataclass
+class UpdateReport:
+    """What one :func:`update_index` run did."""
+
+    added: int = 0  # files seen for the first time
+    updated: int = 0  # files seen before and changed since
+    described: int = 0  # of the added and updated files, those described and committed
+    unchanged: int = 0  # already indexed and not changed: not described again
+    failures: list[FileFailure] = field(default_factory=list)  # files that could not be read this run
+    failed_before: int = 0  # unchanged files that failed in an earlier run (not tried again)
+    missing: list[str] = field(default_factory=list)  # indexed images no longer in the folder (kept until removed)
+    commits: int = 0
+    total: int = 0  # images in the index after this run
+    ann: dict | None = None  # the approximate index, when the index has one: kind, recall@100 against exact search
+    seconds: float = 0.0
+
+
+class ShardWriter:
+    """What one commit adds, collected in a ``.partial`` shard folder of the index folder ``directory``: descriptors,
+    and the maps unless the index keeps none (streamed to disk as they come). :meth:`publish` completes the shard;
+    a commit of the catalog then makes it part of the index."""
+
+    def __init__(self, directory: Path, capacity: int, keep_maps: bool, separate_cam_layer: bool) -> None:
+        self.directory = directory
+        self.name, self.folder = new_shard_folder(directory)
+        self.maps = MapStoreWriter(capacity, separate_cam_layer, self.folder) if keep_maps else None
+        self.entries: list[tuple[str, FileState]] = []
+        self.descriptors: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, path: str, state: FileState, descriptor: np.ndarray, features=None, cam_activations=None) -> None:
+        if self.maps is not None:
+            self.maps.add(len(self.entries), features, cam_activations)
+        self.entries.append((path, state))
+        self.descriptors.append(descriptor)
+
+    def publish(self) -> list[tuple[str, FileState, int]]:
+        """Write the descriptors, complete the maps, and make the folder a shard. Returns (path, state, row)."""
+        np.save(self.folder / DESCRIPTORS, np.stack(self.descriptors).astype(np.float32))
+        if self.maps is not None:
+            self.maps.finish(range(len(self.entries))).save(self.folder, move=True)
+        publish_shard(self.directory, self.name, self.folder)
+        return [(path, state, row) for row, (path, state) in enumerate(self.entries)]
+
+    def abort(self) -> None:
+        if self.maps is not None:
+            self.maps.abort()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@dataclass
+class ShardResult:
+    """One published shard (or, ``name`` None, only files that failed), ready for a commit of the catalog."""
+
+    name: str | None
+    done: list[tuple[str, FileState, int]]  # path, state, row in the shard
+    failed: list[tuple[str, FileState, str]]  # path, state, reason
+    dim: int | None  # the descriptors' dimension
+
+
+def index_settings(describer: Describer, n_classes: int, weights: str | None) -> dict:
+    """The settings an index records: everything that determines its descriptors (queries are described alike)."""
+    return describer.settings.to_dict() | {"n_classes": n_classes, "weights": weights}
+
+
+def check_compatible(store: IndexStore, wanted: dict, whitening: PCAWhitening | None) -> None:
+    """Refuse to add to an index made with other settings, another folder, or another whitening: its descriptors
+    and the new ones would not be comparable."""
+    meta = store.meta()
+    if "settings" not in meta:
+        return
+    differences = [
+        f"{key}: {meta[key]!r} in the index, {wanted[key]!r} now"
+        for key in ("settings", "image_root", "maps")
+        if meta.get(key) != wanted.get(key)
+    ]
+    if (meta.get("whitening") is None) != (whitening is None):
+        differences.append("whitening: " + ("none in the index, given now" if whitening else "in the index, none given now"))
+    elif whitening is not None and not whitening.same_as(PCAWhitening.load(store.directory / meta["whitening"])):
+        differences.append("whitening: another PCA file than the one the index was built with")
+    if differences:
+        raise IndexFileError(
+            f"the index at {store.directory} was built differently, so new descriptors would not match its own ("
+            + "; ".join(differences)
+            + "): index with the same options and PCA file, or into a new folder"
+        )
+
+
+def update_index(
+    index_dir: str | Path,
+    image_root: str | Path,
+    whitening: PCAWhitening | None,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str | Path | None = None,
+    feature_layer: str | None = None,
+    size: int = DEFAULT_SIZE,
+    n_classes: int = DEFAULT_CLASSES,
+    pooling: str = DEFAULT_POOLING,
+    keep_maps: bool | None = None,
+    batch_size: int = 16,
+    workers: int = 2,
+    device: str = "cpu",
+    progress: bool = True,
+    commit_every: int = DEFAULT_COMMIT_EVERY,
+    ann: str | None = None,
+    class_list: Sequence[int] | None = None,
+) -> UpdateReport:
+    """Bring the index in ``index_dir`` (created if needed) up to date with the images under ``image_root``: describe
+    the new and changed ones, in commits of ``commit_every`` images. Returns what it did; images that are indexed but
+    no longer in the folder are listed, not removed (:func:`remove_images` does that).
+
+    ``ann`` ("hnsw" or "ivfpq", :mod:`camretrieval.ann`) gives the index an approximate FAISS index, rebuilt after
+    every run that changed the collection; "none" drops it; None keeps what the index had. ``class_list``: every image
+    aggregated over that fixed list of classes (:mod:`camretrieval.classlist`, paper section 4.3)."""
+    started = time.perf_counter()
+    image_root = Path(image_root)
+    if not image_root.is_dir():
+        raise CamRetrievalError(f"{image_root} is not a folder of images")
+    if ann is not None and ann != "none" and ann not in ANN_KINDS:
+        raise CamRetrievalError(f"unknown approximate index {ann!r}: choose one of {', '.join(ANN_KINDS)} or none")
+    if commit_every < 1:
+        raise CamRetrievalError(f"commit_every must be at least 1, got {commit_every}")
+    weights = str(Path(weights).resolve()) if weights else None
+    describer = Describer(
+        load_backbone(backbone, weights=weights, feature_layer=feature_layer),
+        size,
+        n_classes,
+        whitening,
+        device,
+        pooling,
+        class_list=class_list,
+    )
+    keep_maps = pooling == "cam" if keep_maps is None else keep_maps
+    separate = describer.backbone.feature_layer != describer.backbone.cam_layer
+    wanted = {
+        "settings": index_settings(describer, n_classes, weights),
+        "image_root": str(image_root.resolve()),
+        "maps": {"separate_cam_layer": separate} if keep_maps else None,
+    }
+    report = UpdateReport()
+    with IndexStore.writing(index_dir) as store:
+        check_compatible(store, wanted, whitening)
+        known = store.known_files()
+        paths = find_images(image_root)
+        if not paths and not known:
+            raise CamRetrievalError(f"no images (jpg, jpeg, png, webp, bmp, tif, tiff) under {image_root}")
+        pending: list[tuple[str, FileState]] = []
+        for path in paths:
+            try:
+                state = FileState.of(image_root / path)
+            except OSError as error:  # vanished since the folder was listed
+                report.failures.append(FileFailure(path, f"unreadable: {error}"))
+                continue
+            before = known.get(path)
+            if before is None or before[0] != state:
+                pending.append((path, state))
+                report.added += before is None
+                report.updated += before is not None
+            elif before[1] == "done":
+                report.unchanged += 1
+            else:
+                report.failed_before += 1
+        present = set(paths)
+        report.missing = sorted(path for path, (_, status) in known.items() if status == "done" and path not in present)
+        whitening_file = store.save_whitening(whitening)
+        meta = wanted | {"whitening": whitening_file}
+        if progress and pending:
+            print(f"{len(pending)} images to describe ({report.unchanged} already indexed)", file=sys.stderr)
+        if pending:
+            try:
+                shards = describe_in_shards(
+                    describer, image_root, pending, store.directory, keep_maps, batch_size, workers, progress,
+                    commit_every, report.failures,
+                )
+                for result in shards:
+                    commit_shard(store, result, meta)
+                    report.commits += 1
+                    report.described += len(result.done)
+            except KeyboardInterrupt:
+                done = sum(1 for _, status in store.known_files().values() if status == "done")
+                print(f"the {done} images committed so far are safe: run the same command again to go on", file=sys.stderr)
+                raise
+            except OSError as error:  # a full disk, a read-only or vanished index folder
+                done = sum(1 for _, status in store.known_files().values() if status == "done")
+                raise IndexFileError(
+                    f"could not write to {store.directory} ({error.strerror or error}): the {done} images committed so far "
+                    "are safe; fix that and run the same command again to go on"
+                ) from error
+        elif "settings" not in store.meta():
+            store.commit(None, [], meta=meta)
+        if ann is not None:
+            previous = store.meta().get("ann_kind")
+            store.set_meta({"ann_kind": None if ann == "none" else ann})
+            try:
+                report.ann = refresh_ann(store, progress)
+            except CamRetrievalError:  # e.g. too few images to train IVF-PQ: keep the kind the index had
+                store.set_meta({"ann_kind": previous})
+                refresh_ann(store, progress)
+                raise
+        else:
+            report.ann = refresh_ann(store, progress)
+        store.delete_unused_files()
+        report.total = sum(1 for _, status in store.known_files().values() if status == "done")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def describe_in_shards(
+    describer: Describer,
+    image_root: Path,
+    pending: Sequence[tuple[str, FileState]],
+    index_dir: Path,
+    keep_maps: bool,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+    commit_every: int,
+    failures: list[FileFailure],
+) -> Iterator[ShardResult]:
+    """Describe ``pending`` (path relative to ``image_root``, state) in one stream of DataLoader batches, and yield a
+    published shard each time ``commit_every`` files were described or failed (unreadable files are appended to
+    ``failures`` as well). Used by the single-process path and by each Ray worker alike."""
+    states = dict(pending)
+    paths = list(states)
+    separate = describer.backbone.feature_layer != describer.backbone.cam_layer
+    shard: ShardWriter | None = None
+    reported = len(failures)  # failures before this point were not in ``pending``
+
+    def handled() -> int:
+        return (len(shard) if shard is not None else 0) + len(failures) - reported
+
+    def complete() -> ShardResult:
+        nonlocal shard, reported
+        failed = [(f.path, states[f.path], f.reason) for f in failures[reported:] if f.path in states]
+        if shard is None:
+            result = ShardResult(None, [], failed, None)
+        else:
+            result = ShardResult(shard.name, shard.publish(), failed, int(len(shard.descriptors[0])))
+        shard, reported = None, len(failures)
+        return result
+
+    def compute(maps):
+        return describer.aggregate(describer.pooled_vectors(maps)), maps
+
+    try:
+        for indices, (descriptors, maps) in describer._iterate_files(
+            paths, image_root, compute, batch_size, workers, progress, failures
+        ):
+            rows = descriptors.float().cpu().numpy()
+            for row, image in enumerate(indices):
+                if shard is None:
+                    shard = ShardWriter(index_dir, commit_every, keep_maps, separate)
+                features = maps.features[row] if keep_maps else None
+                activations = maps.cam_activations[row] if keep_maps and separate else None
+                shard.add(paths[image], states[paths[image]], rows[row], features, activations)
+                if handled() >= commit_every:
+                    yield complete()
+            if handled() >= commit_every:  # a run of unreadable files
+                yield complete()
+        if handled():
+            yield complete()
+    except BaseException:
+        if shard is not None:
+            shard.abort()
+        raise
+
+
+def commit_shard(store: IndexStore, result: ShardResult, meta: dict) -> None:
+    """Make a published shard part of the index (one transaction)."""
+    store.commit(result.name, result.done, result.failed, meta=meta | ({"dim": result.dim} if result.dim else {}))
+
+
+def refresh_ann(store: IndexStore, progress: bool) -> dict | None:
+    """Rebuild the approximate index when the index wants one (``meta['ann_kind']``) and the collection changed since
+    it was built, and measure its recall@100 against exact search (100 of the descriptors as queries). Returns its
+    meta data, None when the index has none."""
+    meta = store.meta()
+    kind = meta.get("ann_kind")
+    if not kind:
+        if meta.get("ann"):
+            store.set_meta({"ann": None})  # its file goes with the next delete_unused_files()
+        return None
+    current = meta.get("ann")
+    if current and current.get("kind") == kind and current.get("generation") == meta["generation"]:
+        return current
+    started = time.perf_counter()
+    descriptors = Index._from_snapshot(store, store.snapshot(), "cpu", exact=True).descriptors
+    if progress:
+        print(f"building the {kind} index of {len(descriptors)} descriptors", file=sys.stderr)
+    index = build_search_index(descriptors, kind)
+    settings = {
+        "kind": kind,
+        "recall_at_100": measure_recall(index, descriptors, k=100) if len(descriptors) else 1.0,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    store.save_ann(index, settings)
+    return store.meta()["ann"]
+
+
+def remove_images(index_dir: str | Path, paths: Sequence[str] = (), missing: bool = False) -> tuple[int, list[str]]:
+    """Forget images of an index: ``paths`` (relative to the indexed folder, or absolute under it) and, with
+    ``missing``, every indexed image no longer on disk. Returns (how many were removed, paths the index did not
+    hold)."""
+    with IndexStore.writing(index_dir) as store:
+        meta = store.meta()
+        root = Path(meta["image_root"]) if meta.get("image_root") else None
+        known = store.known_files()
+        wanted = []
+        for path in paths:
+            relative = str(path)
+            if root is not None and Path(path).is_absolute():
+                try:
+                    relative = Path(path).resolve().relative_to(root).as_posix()
+                except ValueError:
+                    relative = str(path)
+            wanted.append(relative)
+        if missing:
+            if root is None:
+                raise CamRetrievalError(f"the index at {index_dir} does not record its image folder")
+            wanted += [path for path in known if not (root / path).is_file()]
+        unknown = [path for path in wanted if path not in known]
+        removed = store.remove([path for path in dict.fromkeys(wanted) if path in known])
+        refresh_ann(store, progress=False)
+        store.delete_unused_files()
+    return removed, unknown
