@@ -37,6 +37,7 @@ from .experiments import (
 )
 from .images import find_images
 from .index import Index, SearchOptions
+from .distributed import DEFAULT_RAY_WORKERS
 from .indexing import DEFAULT_COMMIT_EVERY, remove_images, update_index
 from .regions import Box, parse_box
 from .whitening import PCAWhitening
@@ -143,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also keep an approximate FAISS index for large collections (hnsw: a graph, fast and accurate; ivfpq: "
         "compressed, for millions of images), rebuilt after every change, its recall@100 against exact search "
         "printed; none: drop it (default: keep what the index has; a new index searches exactly)",
+    )
+
+    index.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="where images are described: this process (local, the default) or Ray workers (ray: pip install "
+        "'camretrieval[ray]'; the workers must see the images and the index folder at the same paths)",
+    )
+    index.add_argument("--address", default=None, help="--engine ray: the Ray cluster to use (default: start a local one)")
+    index.add_argument(
+        "--ray-workers", type=int, default=DEFAULT_RAY_WORKERS, help=f"--engine ray: Ray workers (default: {DEFAULT_RAY_WORKERS})"
     )
 
     remove = commands.add_parser(
@@ -367,6 +380,9 @@ def run_index(args: argparse.Namespace) -> int:
         commit_every=args.commit_every,
         ann=args.ann,
         class_list=class_list,
+        engine=args.engine,
+        ray_address=args.address,
+        ray_workers=args.ray_workers,
     )
     _report_failures(report.failures, report.added + report.updated)
     if report.failed_before:

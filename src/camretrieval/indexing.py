@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .ann import ANN_KINDS, build_search_index, measure_recall
 from .backbones import load_backbone
+from .distributed import DEFAULT_RAY_WORKERS, describe_with_ray
 from .descriptor import DEFAULT_BACKBONE, DEFAULT_CLASSES, DEFAULT_POOLING, DEFAULT_SIZE, Describer, FileFailure
 from .errors import CamRetrievalError
 from .images import find_images
@@ -138,6 +140,9 @@ def update_index(
     commit_every: int = DEFAULT_COMMIT_EVERY,
     ann: str | None = None,
     class_list: Sequence[int] | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_workers: int = DEFAULT_RAY_WORKERS,
 ) -> UpdateReport:
     """Bring the index in ``index_dir`` (created if needed) up to date with the images under ``image_root``: describe
     the new and changed ones, in commits of ``commit_every`` images. Returns what it did; images that are indexed but
@@ -145,13 +150,18 @@ def update_index(
 
     ``ann`` ("hnsw" or "ivfpq", :mod:`camretrieval.ann`) gives the index an approximate FAISS index, rebuilt after
     every run that changed the collection; "none" drops it; None keeps what the index had. ``class_list``: every image
-    aggregated over that fixed list of classes (:mod:`camretrieval.classlist`, paper section 4.3)."""
+    aggregated over that fixed list of classes (:mod:`camretrieval.classlist`, paper section 4.3).
+
+    ``engine`` "ray" describes on Ray (:mod:`camretrieval.distributed`): the cluster at ``ray_address``, or a local
+    Ray instance of ``ray_workers`` workers; the descriptors are those of the local path."""
     started = time.perf_counter()
     image_root = Path(image_root)
     if not image_root.is_dir():
         raise CamRetrievalError(f"{image_root} is not a folder of images")
     if ann is not None and ann != "none" and ann not in ANN_KINDS:
         raise CamRetrievalError(f"unknown approximate index {ann!r}: choose one of {', '.join(ANN_KINDS)} or none")
+    if engine not in ("local", "ray"):
+        raise CamRetrievalError(f"unknown engine {engine!r}: choose local or ray")
     if commit_every < 1:
         raise CamRetrievalError(f"commit_every must be at least 1, got {commit_every}")
     weights = str(Path(weights).resolve()) if weights else None
@@ -202,14 +212,29 @@ def update_index(
             print(f"{len(pending)} images to describe ({report.unchanged} already indexed)", file=sys.stderr)
         if pending:
             try:
-                shards = describe_in_shards(
-                    describer, image_root, pending, store.directory, keep_maps, batch_size, workers, progress,
-                    commit_every, report.failures,
-                )
+                if engine == "ray":
+                    spec = {
+                        "backbone": backbone, "weights": weights, "feature_layer": describer.backbone.feature_layer,
+                        "size": size, "n_classes": n_classes, "pooling": pooling, "class_list": class_list,
+                        "device": device, "keep_maps": keep_maps, "batch_size": batch_size, "threads": 1,
+                        "whitening": str((store.directory / whitening_file).resolve()) if whitening_file else None,
+                        "image_root": str(image_root.resolve()), "index_dir": str(store.directory.resolve()),
+                    }
+                    shards = describe_with_ray(spec, pending, commit_every, ray_address, ray_workers)
+                else:
+                    shards = describe_in_shards(
+                        describer, image_root, pending, store.directory, keep_maps, batch_size, workers, progress,
+                        commit_every, report.failures,
+                    )
+                bar = tqdm(total=len(pending), unit="img", disable=not progress or engine != "ray", file=sys.stderr)
                 for result in shards:
                     commit_shard(store, result, meta)
                     report.commits += 1
                     report.described += len(result.done)
+                    if engine == "ray":  # the local path's failures were reported as they happened
+                        report.failures += [FileFailure(path, reason) for path, _, reason in result.failed]
+                    bar.update(len(result.done) + len(result.failed))
+                bar.close()
             except KeyboardInterrupt:
                 done = sum(1 for _, status in store.known_files().values() if status == "done")
                 print(f"the {done} images committed so far are safe: run the same command again to go on", file=sys.stderr)
