@@ -9,6 +9,7 @@ import torch
 
 from camretrieval import Describer, Index, PCAWhitening, fit_whitening
 from camretrieval.descriptor import DEFAULT_CLASSES, DEFAULT_SIZE
+from camretrieval.errors import CamRetrievalError
 from camretrieval.evaluation import labels_mean_average_precision
 from camretrieval.images import find_images, load_image
 from camretrieval.regions import box_to_cells, scale_box
@@ -55,6 +56,19 @@ def test_real_photos_match_the_plain_reference(lite0, landmarks_dir, eth80_dir, 
     batched, done, failures = describer.describe_files(photos, batch_size=4, workers=2, progress=False)
     assert done == [0, 1, 2, 3] and not failures
     assert batched == pytest.approx(ours, abs=1e-5)
+
+
+def test_bfloat16_forward_pass_gives_nearly_the_float32_descriptors(lite0, landmarks_dir, random_whitening):
+    """--precision bfloat16 (autocast, meant for GPUs; checked here on the CPU): the maps lose precision (8 bits of
+    mantissa) but the descriptors stay close, and the CAM arithmetic after the forward pass is float32."""
+    photos = sorted(landmarks_dir.glob("*.jpg"))[:3]
+    exact = Describer(lite0, DEFAULT_SIZE, DEFAULT_CLASSES, random_whitening).describe(photos)
+    bf16 = Describer(lite0, DEFAULT_SIZE, DEFAULT_CLASSES, random_whitening, precision="bfloat16")
+    assert bf16.feature_maps(torch.zeros(1, 3, 64, 64)).features.dtype == torch.float32
+    approximate = bf16.describe(photos)
+    assert (np.sum(exact * approximate, axis=1) > 0.98).all()  # cosine similarity of l2-normalised descriptors
+    with pytest.raises(CamRetrievalError, match="unknown precision 'float8'"):
+        Describer(lite0, 256, precision="float8")
 
 
 def test_eth80_pca_on_some_objects_index_and_query_the_others(lite0, eth80_dir, tmp_path):

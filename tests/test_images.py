@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from camretrieval.descriptor import Describer
-from camretrieval.images import ImageError, check_image_size, find_images, load_image, to_rgb
+from camretrieval.images import ImageError, check_image_size, find_images, load_image, shape_order, to_rgb
 
 
 def _photo(size=(96, 64)) -> Image.Image:
@@ -57,6 +57,23 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     photo.save(tmp_path / "rotated.jpg", exif=exif)
     assert load_image(tmp_path / "rotated.jpg").size == (64, 96)
+
+
+def test_shape_order_groups_images_by_their_resized_shape(tmp_path):
+    """Aspect-ratio buckets: files in order of the shape they will have after resizing, read from their headers
+    (EXIF rotation included), unreadable ones last."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, decoded portrait
+    _photo((96, 64)).save(tmp_path / "a_landscape.jpg")
+    _photo((64, 96)).save(tmp_path / "b_portrait.jpg")
+    (tmp_path / "c_broken.jpg").write_bytes(b"not an image")
+    _photo((300, 200)).save(tmp_path / "d_landscape_large.png")
+    _photo((96, 64)).save(tmp_path / "e_rotated.jpg", exif=exif)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    order = [names[i] for i in shape_order(names, tmp_path, 32)]
+    # Resized to a shorter side of 32: landscapes are 32 x 48 (H x W), portraits 48 x 32.
+    assert order == ["a_landscape.jpg", "d_landscape_large.png", "b_portrait.jpg", "e_rotated.jpg", "c_broken.jpg"]
+    assert [load_image(tmp_path / n).size[::-1] for n in order[2:4]] == [(96, 64), (96, 64)]
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from .backbones import Backbone, FeatureMaps
 from .cams import class_activation_maps, class_logits, normalize_cams, resize_cams, top_classes
 from .classlist import ClassList, check_class_indices
 from .errors import CamRetrievalError
-from .images import ImageFileDataset, check_image_size, collate_loaded, load_image, preprocess
+from .images import ImageFileDataset, check_image_size, collate_loaded, load_image, preprocess, shape_order
 from .pooling import channel_weights, class_vectors, crow_pooling, gem_pooling, max_pooling, regional_max_pooling, sum_pooling
 from .regions import Box, box_to_cells, scale_box, validate_box
 from .whitening import PCAWhitening, WhiteningFileError
@@ -33,6 +33,9 @@ DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_SIZE = 448
 DEFAULT_CLASSES = 64
 DEFAULT_POOLING = "cam"
+# The backbone's forward pass: float32, or autocast to bfloat16 / float16 (for GPUs: about twice the images per
+# second; the CAM arithmetic stays float32).
+PRECISIONS = ("float32", "bfloat16", "float16")
 
 # How an image's maps become the vectors that are whitened, l2-normalised and summed into D_I (section 3).
 POOLINGS = {
@@ -164,6 +167,7 @@ class Describer:
         device: str | torch.device = "cpu",
         pooling: str = DEFAULT_POOLING,
         class_list: "ClassList | Sequence[int] | None" = None,
+        precision: str = "float32",
     ) -> None:
         if pooling not in POOLINGS:
             raise CamRetrievalError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
@@ -171,8 +175,12 @@ class Describer:
             raise CamRetrievalError(f"--size {size} is smaller than one feature cell ({backbone.stride} px)")
         if n_classes < 1:
             raise CamRetrievalError(f"the number of classes must be at least 1, got {n_classes}")
+        if precision not in PRECISIONS:
+            raise CamRetrievalError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
         self.device = torch.device(device)
-        self.backbone = backbone.to(self.device).eval()
+        # Channels-last ("NHWC") lets the convolutions use their fastest kernels on CPU and on GPU tensor cores.
+        self.backbone = backbone.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.precision = precision
         self.size = size
         self.pooling = pooling
         self.class_list: torch.Tensor | None = None
@@ -196,7 +204,14 @@ class Describer:
 
     @torch.inference_mode()
     def feature_maps(self, images: torch.Tensor) -> FeatureMaps:
-        return self.backbone(images.to(self.device))
+        """The backbone's forward pass (in ``precision``, by autocast); the maps come back float32, on which the
+        CAM arithmetic (Eq. 1-4) is done."""
+        images = images.to(self.device).contiguous(memory_format=torch.channels_last)
+        if self.precision == "float32":
+            return self.backbone(images)
+        with torch.autocast(self.device.type, dtype=getattr(torch, self.precision)):
+            maps = self.backbone(images)
+        return FeatureMaps(maps.features.float(), maps.cam_activations.float())
 
     def pooled_vectors(self, maps: FeatureMaps, n_classes: int | None = None) -> PooledVectors:
         """The vectors of this describer's pooling: class vectors of the top ``n_classes`` (default N_c), or of the
@@ -327,12 +342,14 @@ class Describer:
         progress: bool,
         failures: list[FileFailure],
     ) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """Decode files in workers, run same-shape images together (never padded: padding would change the
-        features), and yield (indices, result rows). Unusable files are reported and skipped."""
+        """Decode files in workers, in order of their resized shape (:func:`~camretrieval.images.shape_order`), run
+        same-shape images together (never padded: padding would change the features), and yield (indices, result
+        rows). Unusable files are reported and skipped."""
         backbone = self.backbone
         dataset = ImageFileDataset(paths, self.size, backbone.mean, backbone.std, backbone.stride, root)
         loader = DataLoader(
             dataset,
+            sampler=shape_order(dataset.paths, root, self.size),
             batch_size=max(batch_size, 1),
             num_workers=workers,
             collate_fn=collate_loaded,

@@ -58,7 +58,7 @@ class ShardWorker:
         whitening = PCAWhitening.load(spec["whitening"]) if spec["whitening"] else None
         self.describer = Describer(
             backbone, spec["size"], spec["n_classes"], whitening, spec["device"], spec["pooling"],
-            class_list=spec["class_list"],
+            class_list=spec["class_list"], precision=spec["precision"],
         )
         self.spec = spec
 

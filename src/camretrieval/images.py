@@ -76,11 +76,35 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageError(f"corrupt or truncated image ({error})") from error
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     """(width, height) after resizing the shorter side to ``size`` with the aspect ratio kept (as torchvision)."""
     if width <= height:
         return size, int(size * height / width)
     return int(size * width / height), size
+
+
+def shape_order(paths: list[str | Path], root: str | Path | None, size: int) -> list[int]:
+    """The indices of ``paths`` sorted by the shape each image will have after resizing (from its file header and
+    EXIF orientation, without decoding): consecutive images then share a shape and go through the backbone in full
+    batches, however mixed the collection's aspect ratios ("aspect-ratio buckets"). Files whose header cannot be read
+    go last; decoding them reports why."""
+
+    def shape(index: int) -> tuple[int, int, int]:
+        path = Path(root) / paths[index] if root is not None else Path(paths[index])
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated by 90 degrees when decoded
+                    width, height = height, width
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return (1, 0, 0)
+        resized = resized_size(width, height, size)
+        return (0, resized[1], resized[0])
+
+    return sorted(range(len(paths)), key=shape)
 
 
 def check_image_size(width: int, height: int, min_side: int) -> None:

@@ -143,6 +143,7 @@ def update_index(
     engine: str = "local",
     ray_address: str | None = None,
     ray_workers: int = DEFAULT_RAY_WORKERS,
+    precision: str = "float32",
 ) -> UpdateReport:
     """Bring the index in ``index_dir`` (created if needed) up to date with the images under ``image_root``: describe
     the new and changed ones, in commits of ``commit_every`` images. Returns what it did; images that are indexed but
@@ -173,6 +174,7 @@ def update_index(
         device,
         pooling,
         class_list=class_list,
+        precision=precision,
     )
     keep_maps = pooling == "cam" if keep_maps is None else keep_maps
     separate = describer.backbone.feature_layer != describer.backbone.cam_layer
@@ -216,7 +218,7 @@ def update_index(
                     spec = {
                         "backbone": backbone, "weights": weights, "feature_layer": describer.backbone.feature_layer,
                         "size": size, "n_classes": n_classes, "pooling": pooling, "class_list": class_list,
-                        "device": device, "keep_maps": keep_maps, "batch_size": batch_size, "threads": 1,
+                        "device": device, "precision": precision, "keep_maps": keep_maps, "batch_size": batch_size, "threads": 1,
                         "whitening": str((store.directory / whitening_file).resolve()) if whitening_file else None,
                         "image_root": str(image_root.resolve()), "index_dir": str(store.directory.resolve()),
                     }
