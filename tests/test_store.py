@@ -325,3 +325,16 @@ def test_an_approximate_index_is_kept_up_to_date_and_exact_search_stays_availabl
         assert isinstance(Index.open(index_dir).faiss_index, faiss.IndexFlatIP)
     assert main(_index_args(folder, index_dir, pca, "--no-maps", "--ann", "none")) == 0
     assert isinstance(Index.open(index_dir).faiss_index, faiss.IndexFlatIP) and not (index_dir / "ann.faiss").exists()
+
+    # float16 search: half the memory; scores within float16 rounding of the exact ones, so only near-ties (these
+    # tiny 16-d descriptors of two objects have many: cosines above 0.999) can change places.
+    exact = Index.open(index_dir)
+    assert main(_index_args(folder, index_dir, pca, "--no-maps", "--float16")) == 0
+    half = Index.open(index_dir)
+    assert isinstance(half.faiss_index, faiss.IndexScalarQuantizer)
+    exact_scores, _ = exact.search_descriptors(exact.descriptors, top=3)
+    half_scores, half_ids = half.search_descriptors(half.descriptors, top=3)
+    true_scores = np.einsum("qd,qkd->qk", exact.descriptors, exact.descriptors[half_ids])
+    assert np.abs(half_scores - true_scores).max() < 2e-3 and np.abs(true_scores - exact_scores).max() < 2e-3
+    assert main(_index_args(folder, index_dir, pca, "--no-maps", "--ann", "hnsw")) == 0  # remembered: HNSW in float16
+    assert isinstance(Index.open(index_dir).faiss_index, faiss.IndexHNSWSQ)

@@ -155,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     index.add_argument(
+        "--float16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="search with the descriptors in float16: half the memory of the search index, no measurable mAP cost "
+        "(docs/dynamic.md); --no-float16 goes back to float32 (default: keep what the index has; a new index: float32)",
+    )
+    index.add_argument(
         "--engine",
         choices=["local", "ray"],
         default="local",
@@ -394,6 +401,7 @@ def run_index(args: argparse.Namespace) -> int:
         ray_address=args.address,
         ray_workers=args.ray_workers,
         precision=args.precision,
+        float16=args.float16,
     )
     _report_failures(report.failures, report.added + report.updated)
     if report.failed_before:

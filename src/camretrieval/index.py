@@ -26,6 +26,7 @@ from PIL import Image
 
 from .backbones import load_backbone
 from .aggregation import aggregate
+from .ann import build_search_index
 from .descriptor import DEFAULT_BACKBONE, DEFAULT_CLASSES, DEFAULT_POOLING, DEFAULT_SIZE, Describer, FileFailure
 from .errors import CamRetrievalError
 from .expansion import expanded_query
@@ -313,6 +314,8 @@ class Index:
             ) from error
         maps = MapStore.gather(shard_maps, shard_of, rows) if meta.get("maps") else None
         faiss_index = None if exact else store.load_ann(snapshot)
+        if faiss_index is None and meta.get("float16"):  # half the memory; no measurable mAP cost (docs/dynamic.md)
+            faiss_index = build_search_index(descriptors, None, float16=True)
         index = cls(descriptors, snapshot.paths, whitening, meta["settings"], meta.get("image_root"), faiss_index, maps)
         index.device = device
         return index

@@ -144,6 +144,7 @@ def update_index(
     ray_address: str | None = None,
     ray_workers: int = DEFAULT_RAY_WORKERS,
     precision: str = "float32",
+    float16: bool | None = None,
 ) -> UpdateReport:
     """Bring the index in ``index_dir`` (created if needed) up to date with the images under ``image_root``: describe
     the new and changed ones, in commits of ``commit_every`` images. Returns what it did; images that are indexed but
@@ -154,7 +155,9 @@ def update_index(
     aggregated over that fixed list of classes (:mod:`camretrieval.classlist`, paper section 4.3).
 
     ``engine`` "ray" describes on Ray (:mod:`camretrieval.distributed`): the cluster at ``ray_address``, or a local
-    Ray instance of ``ray_workers`` workers; the descriptors are those of the local path."""
+    Ray instance of ``ray_workers`` workers; the descriptors are those of the local path. ``float16``: search
+    with the descriptors in float16 (exact, or HNSW; half the memory, no measurable mAP cost); None keeps what the
+    index had."""
     started = time.perf_counter()
     image_root = Path(image_root)
     if not image_root.is_dir():
@@ -186,84 +189,108 @@ def update_index(
     report = UpdateReport()
     with IndexStore.writing(index_dir) as store:
         check_compatible(store, wanted, whitening)
-        known = store.known_files()
-        paths = find_images(image_root)
-        if not paths and not known:
-            raise CamRetrievalError(f"no images (jpg, jpeg, png, webp, bmp, tif, tiff) under {image_root}")
-        pending: list[tuple[str, FileState]] = []
-        for path in paths:
-            try:
-                state = FileState.of(image_root / path)
-            except OSError as error:  # vanished since the folder was listed
-                report.failures.append(FileFailure(path, f"unreadable: {error}"))
-                continue
-            before = known.get(path)
-            if before is None or before[0] != state:
-                pending.append((path, state))
-                report.added += before is None
-                report.updated += before is not None
-            elif before[1] == "done":
-                report.unchanged += 1
-            else:
-                report.failed_before += 1
-        present = set(paths)
-        report.missing = sorted(path for path, (_, status) in known.items() if status == "done" and path not in present)
+        pending = _compare_folder(store, image_root, report)
         whitening_file = store.save_whitening(whitening)
         meta = wanted | {"whitening": whitening_file}
-        if progress and pending:
-            print(f"{len(pending)} images to describe ({report.unchanged} already indexed)", file=sys.stderr)
         if pending:
-            try:
-                if engine == "ray":
-                    spec = {
-                        "backbone": backbone, "weights": weights, "feature_layer": describer.backbone.feature_layer,
-                        "size": size, "n_classes": n_classes, "pooling": pooling, "class_list": class_list,
-                        "device": device, "precision": precision, "keep_maps": keep_maps, "batch_size": batch_size, "threads": 1,
-                        "whitening": str((store.directory / whitening_file).resolve()) if whitening_file else None,
-                        "image_root": str(image_root.resolve()), "index_dir": str(store.directory.resolve()),
-                    }
-                    shards = describe_with_ray(spec, pending, commit_every, ray_address, ray_workers)
-                else:
-                    shards = describe_in_shards(
-                        describer, image_root, pending, store.directory, keep_maps, batch_size, workers, progress,
-                        commit_every, report.failures,
-                    )
-                bar = tqdm(total=len(pending), unit="img", disable=not progress or engine != "ray", file=sys.stderr)
-                for result in shards:
-                    commit_shard(store, result, meta)
-                    report.commits += 1
-                    report.described += len(result.done)
-                    if engine == "ray":  # the local path's failures were reported as they happened
-                        report.failures += [FileFailure(path, reason) for path, _, reason in result.failed]
-                    bar.update(len(result.done) + len(result.failed))
-                bar.close()
-            except KeyboardInterrupt:
-                done = sum(1 for _, status in store.known_files().values() if status == "done")
-                print(f"the {done} images committed so far are safe: run the same command again to go on", file=sys.stderr)
-                raise
-            except OSError as error:  # a full disk, a read-only or vanished index folder
-                done = sum(1 for _, status in store.known_files().values() if status == "done")
-                raise IndexFileError(
-                    f"could not write to {store.directory} ({error.strerror or error}): the {done} images committed so far "
-                    "are safe; fix that and run the same command again to go on"
-                ) from error
+            if progress:
+                print(f"{len(pending)} images to describe ({report.unchanged} already indexed)", file=sys.stderr)
+            if engine == "ray":
+                spec = {
+                    "backbone": backbone, "weights": weights, "feature_layer": describer.backbone.feature_layer,
+                    "size": size, "n_classes": n_classes, "pooling": pooling, "class_list": class_list,
+                    "device": device, "precision": precision, "keep_maps": keep_maps, "batch_size": batch_size,
+                    "threads": 1, "image_root": str(image_root.resolve()), "index_dir": str(store.directory.resolve()),
+                    "whitening": str((store.directory / whitening_file).resolve()) if whitening_file else None,
+                }
+                shards = describe_with_ray(spec, pending, commit_every, ray_address, ray_workers)
+            else:
+                shards = describe_in_shards(
+                    describer, image_root, pending, store.directory, keep_maps, batch_size, workers, progress,
+                    commit_every, report.failures,
+                )
+            _commit_all(store, shards, meta, report, len(pending), progress and engine == "ray")
         elif "settings" not in store.meta():
             store.commit(None, [], meta=meta)
-        if ann is not None:
-            previous = store.meta().get("ann_kind")
-            store.set_meta({"ann_kind": None if ann == "none" else ann})
-            try:
-                report.ann = refresh_ann(store, progress)
-            except CamRetrievalError:  # e.g. too few images to train IVF-PQ: keep the kind the index had
-                store.set_meta({"ann_kind": previous})
-                refresh_ann(store, progress)
-                raise
-        else:
-            report.ann = refresh_ann(store, progress)
+        _set_search_index(store, float16, ann, progress, report)
         store.delete_unused_files()
-        report.total = sum(1 for _, status in store.known_files().values() if status == "done")
+        report.total = _done(store)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _compare_folder(store: IndexStore, image_root: Path, report: UpdateReport) -> list[tuple[str, FileState]]:
+    """The files under ``image_root`` that are new or changed since the catalog saw them; counts the rest."""
+    known = store.known_files()
+    paths = find_images(image_root)
+    if not paths and not known:
+        raise CamRetrievalError(f"no images (jpg, jpeg, png, webp, bmp, tif, tiff) under {image_root}")
+    pending: list[tuple[str, FileState]] = []
+    for path in paths:
+        try:
+            state = FileState.of(image_root / path)
+        except OSError as error:  # vanished since the folder was listed
+            report.failures.append(FileFailure(path, f"unreadable: {error}"))
+            continue
+        before = known.get(path)
+        if before is None or before[0] != state:
+            pending.append((path, state))
+            report.added += before is None
+            report.updated += before is not None
+        elif before[1] == "done":
+            report.unchanged += 1
+        else:
+            report.failed_before += 1
+    present = set(paths)
+    report.missing = sorted(path for path, (_, status) in known.items() if status == "done" and path not in present)
+    return pending
+
+
+def _commit_all(
+    store: IndexStore, shards: Iterator[ShardResult], meta: dict, report: UpdateReport, total: int, show: bool
+) -> None:
+    """Commit each shard as it comes. Interrupted or unable to write, say what is safe and how to go on."""
+    bar = tqdm(total=total, unit="img", disable=not show, file=sys.stderr)  # the local path shows its own
+    try:
+        for result in shards:
+            commit_shard(store, result, meta)
+            report.commits += 1
+            report.described += len(result.done)
+            if show:  # Ray: failures come with the results (the local path reported them as they happened)
+                report.failures += [FileFailure(path, reason) for path, _, reason in result.failed]
+            bar.update(len(result.done) + len(result.failed))
+    except KeyboardInterrupt:
+        print(f"the {_done(store)} images committed so far are safe: run the same command again to go on", file=sys.stderr)
+        raise
+    except OSError as error:  # a full disk, a read-only or vanished index folder
+        raise IndexFileError(
+            f"could not write to {store.directory} ({error.strerror or error}): the {_done(store)} images committed "
+            "so far are safe; fix that and run the same command again to go on"
+        ) from error
+    finally:
+        bar.close()
+
+
+def _done(store: IndexStore) -> int:
+    return sum(1 for _, status in store.known_files().values() if status == "done")
+
+
+def _set_search_index(store: IndexStore, float16: bool | None, ann: str | None, progress: bool, report: UpdateReport) -> None:
+    """Apply ``--float16`` / ``--ann`` (None: keep the index's) and bring the approximate index up to date."""
+    if float16 is not None and bool(store.meta().get("float16")) != float16:
+        store.set_meta({"float16": float16})
+        store.commit(None, [])  # a new generation: an approximate index in the other precision is rebuilt
+    if ann is None:
+        report.ann = refresh_ann(store, progress)
+        return
+    previous = store.meta().get("ann_kind")
+    store.set_meta({"ann_kind": None if ann == "none" else ann})
+    try:
+        report.ann = refresh_ann(store, progress)
+    except CamRetrievalError:  # e.g. too few images to train IVF-PQ: keep the kind the index had
+        store.set_meta({"ann_kind": previous})
+        refresh_ann(store, progress)
+        raise
 
 
 def describe_in_shards(
@@ -348,7 +375,7 @@ def refresh_ann(store: IndexStore, progress: bool) -> dict | None:
     descriptors = Index._from_snapshot(store, store.snapshot(), "cpu", exact=True).descriptors
     if progress:
         print(f"building the {kind} index of {len(descriptors)} descriptors", file=sys.stderr)
-    index = build_search_index(descriptors, kind)
+    index = build_search_index(descriptors, kind, float16=bool(meta.get("float16")) and kind == "hnsw")
     settings = {
         "kind": kind,
         "recall_at_100": measure_recall(index, descriptors, k=100) if len(descriptors) else 1.0,
