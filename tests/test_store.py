@@ -145,8 +145,8 @@ def _commits(index_dir: Path) -> int:
     return int(row[0]) if row else 0
 
 
-def _start_index(folder: Path, index_dir: Path, pca: Path, commit_every: int) -> subprocess.Popen:
-    args = _index_args(folder, index_dir, pca, "--commit-every", str(commit_every), "--batch-size", "2")
+def _start_index(folder: Path, index_dir: Path, pca: Path, commit_every: int, workers: int = 0) -> subprocess.Popen:
+    args = _index_args(folder, index_dir, pca, "--commit-every", str(commit_every), "--batch-size", "2", "--workers", str(workers))
     return subprocess.Popen(
         [sys.executable, "-m", "camretrieval.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -158,7 +158,8 @@ def test_sigkill_at_random_moments_never_corrupts_and_the_next_run_resumes(photo
     chance = random.Random(7)
     kills = 0
     for attempt in range(3):
-        process = _start_index(source, index_dir, pca, commit_every=2)
+        # With decoding workers: they inherit the writer's lock, and the next run must wait for them to exit.
+        process = _start_index(source, index_dir, pca, commit_every=2, workers=2)
         before = _commits(index_dir)
         deadline = time.monotonic() + 120
         while _commits(index_dir) <= before and process.poll() is None and time.monotonic() < deadline:

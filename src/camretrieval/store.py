@@ -161,17 +161,7 @@ class IndexStore:
                 )
             raise IndexFileError(f"{directory} is not empty and holds no camretrieval index: choose another folder")
         (directory / SHARDS).mkdir(parents=True, exist_ok=True)
-        lock_file = open(directory / LOCK, "a+")
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.seek(0)
-            holder = lock_file.read().strip() or "another process"
-            lock_file.close()
-            raise IndexFileError(
-                f"{directory} is being written by {holder}: only one camretrieval index or remove may write to an "
-                "index at a time; wait for it to finish (searching the index meanwhile is fine)"
-            ) from None
+        lock_file = _acquire_writer_lock(directory / LOCK)
         lock_file.seek(0)
         lock_file.truncate()
         lock_file.write(f"process {os.getpid()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})")
@@ -415,6 +405,44 @@ def publish_shard(directory: Path, name: str, partial: Path) -> None:
     fsync_directory(partial)
     os.replace(partial, Path(directory) / SHARDS / name)
     fsync_directory(Path(directory) / SHARDS)
+
+
+def _acquire_writer_lock(path: Path, orphan_wait: float = 30.0):
+    """The writer lock (an exclusive ``flock``), or an error naming the process that holds it.
+
+    DataLoader worker processes inherit the lock with the writer's open files (fork). When a writer is killed they
+    notice within seconds and exit, releasing it: while the recorded holder is dead, wait for them (at most
+    ``orphan_wait`` seconds) instead of refusing a rerun that follows a ``kill -9`` at once."""
+    lock_file = open(path, "a+")
+    deadline = time.monotonic() + orphan_wait
+    while True:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return lock_file
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip()
+            if not _holder_alive(holder) and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            lock_file.close()
+            raise IndexFileError(
+                f"{path.parent} is being written by {holder or 'another process'}: only one camretrieval index or "
+                "remove may write to an index at a time; wait for it to finish (searching the index meanwhile is fine)"
+            ) from None
+
+
+def _holder_alive(holder: str) -> bool:
+    """Whether the process named in the lock file ("process PID (since ...)") still runs; True when unknown."""
+    try:
+        os.kill(int(holder.split()[1]), 0)
+    except (IndexError, ValueError):
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _connect(path: Path) -> sqlite3.Connection:
