@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--commit-every", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None, help="keeps pca.npz between runs (default: a new folder)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="camretrieval-incremental-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -100,11 +100,14 @@ def main() -> None:
                "--quiet", *options]
     counts = []
     for attempt in range(args.kills):
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(chance.uniform(2.0, 2.0 + t_full / args.kills))
         if process.poll() is not None:
-            print(f"kill {attempt + 1}: the run had already finished")
-            break
+            error = process.stderr.read().strip().splitlines()[-1:] if process.returncode else ["complete"]
+            print(f"kill {attempt + 1}: the run had already ended (exit {process.returncode}: {error})")
+            if process.returncode == 0:
+                break
+            continue
         process.send_signal(signal.SIGKILL)
         process.wait()
         try:

@@ -339,3 +339,37 @@ def test_an_approximate_index_is_kept_up_to_date_and_exact_search_stays_availabl
     assert np.abs(half_scores - true_scores).max() < 2e-3 and np.abs(true_scores - exact_scores).max() < 2e-3
     assert main(_index_args(folder, index_dir, pca, "--no-maps", "--ann", "hnsw")) == 0  # remembered: HNSW in float16
     assert isinstance(Index.open(index_dir).faiss_index, faiss.IndexHNSWSQ)
+
+
+def test_files_that_vanish_or_change_during_indexing(photos, reference, tmp_path, monkeypatch, capsys):
+    """A file deleted after the folder was listed is reported and skipped; a file rewritten while the run describes
+    it is described again by the next run (its recorded size and mtime are those seen before it changed)."""
+    source, pca = photos
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = sorted(p.name for p in source.iterdir())[:6]
+    for name in names:
+        shutil.copy(source / name, folder / name)
+    from camretrieval.images import ImageFileDataset
+
+    original = ImageFileDataset.__getitem__
+
+    def meddling(self, index):
+        name = Path(self.paths[index]).name
+        if name == names[1]:
+            (folder / name).unlink(missing_ok=True)  # gone before it is read
+        if name == names[2] and (folder / name).read_bytes() != (source / names[5]).read_bytes():
+            shutil.copy(source / names[5], folder / name)  # rewritten just before it is read
+            os.utime(folder / name, ns=(time.time_ns(), time.time_ns() + 10**9))
+        return original(self, index)
+
+    monkeypatch.setattr(ImageFileDataset, "__getitem__", meddling)
+    index_dir = tmp_path / "index"
+    assert main(_index_args(folder, index_dir, pca)) == 0
+    assert f"skipped {names[1]}: file not found" in capsys.readouterr().err
+    index = Index.open(index_dir)
+    assert names[1] not in index.paths and len(index) == 5
+    monkeypatch.setattr(ImageFileDataset, "__getitem__", original)
+    assert main(_index_args(folder, index_dir, pca)) == 0
+    assert "indexed 1 images (0 new files, 1 changed, 0 unusable; 4 unchanged)" in capsys.readouterr().out
+    _assert_matches(Index.open(index_dir), reference | {names[2]: reference[names[5]]})
