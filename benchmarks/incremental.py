@@ -4,14 +4,14 @@ One run, on the same images, backbone and size, each step a real ``camretrieval 
 
 1. full build of all N images into a new index (time T_full);
 2. build of a folder holding the first 90% (links to them) into another new index; the last 10% are added to
-   that folder and the same command run again, which describes only them (time T_add; the ratio T_add / T_full should be about 0.1, plus the fixed cost of a run: starting
-   Python, loading the model, listing and stat-ing the folder);
+   that folder and the same command run again, which describes only them (time T_add; T_add / T_full should be
+   about 0.1, plus the fixed cost of a run: starting Python, loading the model, listing and stat-ing the folder);
 3. a rerun with nothing new (the fixed cost alone);
 4. ``--kills`` times: start ``index`` on a new index folder, SIGKILL it at a random moment, open the index (it must
    open, complete and consistent, with descriptors equal to the full build's), and start again; then a last run
    completes it, and the result must equal the full build.
 
-    python benchmarks/incremental.py [--images ../shared/data/clutter-dev] [--size 448] [--kills 10]
+    python benchmarks/incremental.py [--images ../shared/data/clutter-dev] [--size 448] [--kills 10] [--workdir DIR]
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ feature layer's maps X, and the CAM layer's activations A only when that layer d
 (efficientnet_lite*, resnet50 and densenet161 use one layer for both; VGG-16-CAM does not). From X and A any class's
 CAM (Eq. 1), any region's crop and any class vector (Eq. 2-4) can be recomputed exactly as at index time.
 
-Layout of one layer, in each shard folder of an index (:mod:`camretrieval.store`; plain ``.npy`` files, read with ``allow_pickle=False``):
+Layout of one layer, in each shard folder of an index (:mod:`camretrieval.store`), plain ``.npy`` files read with
+``allow_pickle=False``:
 
 - ``<layer>_maps.npy``: float16, shape (total cells, K): every image's H x W cells in row-major order, one row of
   K channels per cell ("cell-major": CAMs and class vectors are then plain matrix products with the rows);
