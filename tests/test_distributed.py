@@ -31,7 +31,8 @@ def test_ray_workers_write_the_shards_of_the_single_process_index(tmp_path, eth8
     capsys.readouterr()
     assert main(["index", str(folder), str(tmp_path / "ray"), *common, "--engine", "ray", "--ray-workers", "2"]) == 0
     output = capsys.readouterr()
-    assert "skipped 1 of 25 files" in output.err and "indexed 24 images" in output.out
+    assert "skipped broken.jpg: not an image" in output.err and "skipped 1 of 25 files" in output.err
+    assert "indexed 24 images (25 new files, 0 changed, 1 unusable" in output.out
 
     local, distributed = Index.open(tmp_path / "local"), Index.open(tmp_path / "ray")
     assert distributed.paths == local.paths and len(distributed) == 24

@@ -209,7 +209,7 @@ def update_index(
                     describer, image_root, pending, store.directory, keep_maps, batch_size, workers, progress,
                     commit_every, report.failures,
                 )
-            _commit_all(store, shards, meta, report, len(pending), progress and engine == "ray")
+            _commit_all(store, shards, meta, report, len(pending), ray=engine == "ray", progress=progress)
         elif "settings" not in store.meta():
             store.commit(None, [], meta=meta)
         _set_search_index(store, float16, ann, progress, report)
@@ -247,17 +247,19 @@ def _compare_folder(store: IndexStore, image_root: Path, report: UpdateReport) -
 
 
 def _commit_all(
-    store: IndexStore, shards: Iterator[ShardResult], meta: dict, report: UpdateReport, total: int, show: bool
+    store: IndexStore, shards: Iterator[ShardResult], meta: dict, report: UpdateReport, total: int, ray: bool, progress: bool
 ) -> None:
     """Commit each shard as it comes. Interrupted or unable to write, say what is safe and how to go on."""
-    bar = tqdm(total=total, unit="img", disable=not show, file=sys.stderr)  # the local path shows its own
+    bar = tqdm(total=total, unit="img", disable=not (progress and ray), file=sys.stderr)  # the local path has its own
     try:
         for result in shards:
             commit_shard(store, result, meta)
             report.commits += 1
             report.described += len(result.done)
-            if show:  # Ray: failures come with the results (the local path reported them as they happened)
-                report.failures += [FileFailure(path, reason) for path, _, reason in result.failed]
+            if ray:  # failures come with the results (the local path reported them as they happened)
+                for path, _, reason in result.failed:
+                    report.failures.append(FileFailure(path, reason))
+                    bar.write(f"skipped {path}: {reason}", file=sys.stderr)
             bar.update(len(result.done) + len(result.failed))
     except KeyboardInterrupt:
         print(f"the {_done(store)} images committed so far are safe: run the same command again to go on", file=sys.stderr)
