@@ -186,8 +186,12 @@ def test_sigkill_at_random_moments_never_corrupts_and_the_next_run_resumes(photo
 
 def test_readers_see_consistent_snapshots_while_a_writer_adds(photos, reference, tmp_path):
     source, pca = photos
+    folder = tmp_path / "photos"  # 16 of the photos: 8 commits of 2
+    folder.mkdir()
+    for name in sorted(p.name for p in source.iterdir())[::5] + sorted(p.name for p in source.iterdir())[1::5]:
+        shutil.copy(source / name, folder / name)
     index_dir = tmp_path / "index"
-    process = _start_index(source, index_dir, pca, commit_every=2)
+    process = _start_index(folder, index_dir, pca, commit_every=2)
     sizes = []
     try:
         while process.poll() is None:
