@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--precision", default="float32", help="the forward pass: float32, bfloat16 or float16 (GPU)")
     args = parser.parse_args()
 
     paths = find_images(args.images)[: args.limit]
@@ -69,10 +70,11 @@ def main() -> None:
         update_index(
             target, images, whitening[pooling], size=args.size, n_classes=64, pooling=pooling, keep_maps=keep_maps,
             batch_size=args.batch_size, workers=args.workers, device=args.device, progress=False,
+            precision=args.precision,
         )
 
     # The bare forward pass: the same images, decoded and resized beforehand, in full same-shape batches.
-    describer = Describer(backbone, args.size, device=args.device)
+    describer = Describer(backbone, args.size, device=args.device, precision=args.precision)
     dataset = ImageFileDataset(paths, args.size, backbone.mean, backbone.std, backbone.stride, args.images)
     by_shape: dict[tuple, list[torch.Tensor]] = {}
     for item in (dataset[i] for i in range(len(dataset))):
@@ -86,6 +88,8 @@ def main() -> None:
     def bare_forward() -> None:
         for batch in batches:
             describer.feature_maps(batch)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     bare_forward()  # warm-up: first-call allocations and kernel selection
     runs = {
@@ -101,7 +105,8 @@ def main() -> None:
     shutil.rmtree(workdir, ignore_errors=True)
     n = len(paths)
     print(f"{n} images from {args.images} ({len(by_shape)} shapes after resizing), {args.backbone}, size {args.size}, "
-          f"{torch.get_num_threads()} threads, {args.workers} decoding workers, best of {args.repeats}")
+          f"{torch.get_num_threads()} threads, {args.workers} decoding workers, {args.device} {args.precision}, "
+          f"best of {args.repeats}")
     for name, value in seconds.items():
         print(f"  {name:<24} {value / n:.4f} s/image  ({n / value:.1f} images/s)")
     print(f"(a) 64 CAMs / raw sum pooling:                   {seconds['index, 64 CAMs'] / seconds['index, raw sum pooling']:.3f}x")
