@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 from camretrieval import Describer, Index, PCAWhitening, fit_whitening, load_backbone
+from camretrieval.errors import CamRetrievalError
 from camretrieval.evaluation import average_precision, labels_mean_average_precision
 from camretrieval.aggregation import aggregate
 from camretrieval.images import find_images, load_image, preprocess
@@ -69,11 +70,13 @@ def prepare(args: argparse.Namespace) -> Index:
         index_dir = workdir / f"index_clutter+{args.distractors.name}_{args.backbone}_{args.size}"
         images = link_collection(workdir / f"collection_clutter+{args.distractors.name}", args.data / "clutter-dev",
                                  args.distractors)
-    if (index_dir / "index.json").is_file():
-        return Index.open(index_dir), index_dir
+    try:
+        return Index.open(index_dir), index_dir  # built before
+    except CamRetrievalError:
+        pass
     started = time.perf_counter()
     index, failures = Index.build(images, whitening, backbone=args.backbone, size=args.size,
-                                  progress=args.distractors is not None, maps_dir=index_dir)
+                                  progress=args.distractors is not None, maps_dir=workdir)
     assert not failures, failures
     index.save(index_dir)
     print(f"indexed {len(index)} images in {time.perf_counter() - started:.0f} s")
@@ -92,8 +95,11 @@ def link_collection(root: Path, clutter: Path, distractors: Path) -> Path:
 
 
 def bytes_per_image(index_dir: Path, count: int) -> dict[str, float]:
-    """The index folder's bytes per image, by file."""
-    sizes = {f.name: f.stat().st_size / count for f in sorted(index_dir.iterdir()) if f.is_file()}
+    """The index folder's bytes per image, by file name (summed over the store's shards)."""
+    sizes: dict[str, float] = {}
+    for f in sorted(index_dir.rglob("*")):
+        if f.is_file():
+            sizes[f.name] = sizes.get(f.name, 0.0) + f.stat().st_size / count
     return sizes | {"total": sum(sizes.values())}
 
 
