@@ -138,14 +138,14 @@ def run_size(n: int, mixture: Mixture, queries: np.ndarray, threads: list[int], 
             "recall@100": round(recall_at(exact_ids, ids, K), 4),
         }
         for th in threads:
-            row[f"ms_{th}t"] = round(one_at_a_time_ms(lambda q: index.search(q, K), queries, th), 3)
+            row[f"ms_{th}t"] = round(one_at_a_time_ms(lambda q, index=index: index.search(q, K), queries, th), 3)
         rows.append(row)
         if kind == "ivfpq":
             faiss.omp_set_num_threads(all_threads)
             rows.append({**row, "index": f"ivfpq + re-rank {RERANK}", "bytes_per_image": row["bytes_per_image"] + 4 * x.shape[1],
                          "recall@100": round(recall_at(exact_ids, reranked(index, x, queries), K), 4)})
             for th in threads:
-                rows[-1][f"ms_{th}t"] = round(one_at_a_time_ms(lambda q: reranked(index, x, q), queries, th), 3)
+                rows[-1][f"ms_{th}t"] = round(one_at_a_time_ms(lambda q, index=index: reranked(index, x, q), queries, th), 3)
         for r in rows[-2 if kind == "ivfpq" else -1 :]:
             print(f"  {r['index']}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("n", "index", "settings")), flush=True)
         del index
