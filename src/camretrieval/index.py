@@ -253,7 +253,9 @@ class Index:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
             rows = [(path, _file_state(self.image_root, path), row) for row, path in enumerate(self.paths)]
-            store.commit(name, rows, meta=self.store_meta(store.save_whitening(self.whitening)), replace=True)
+            search = {"ann_kind": None, "ann": None, "float16": False}  # a replaced index's search options go too
+            meta = self.store_meta(store.save_whitening(self.whitening)) | search
+            store.commit(name, rows, meta=meta, replace=True)
             store.delete_unused_files()
         if self._maps_spooled:  # the spool files were moved into the shard: read them from there from now on
             self.maps = MapStore.open(store.shard_path(name), self.maps.separate_cam_layer, len(self))
