@@ -62,6 +62,18 @@ def _assert_matches(index: Index, reference: dict, atol: float = 1e-4) -> None:
         assert np.allclose(descriptor, reference[path], atol=atol), path
 
 
+def _names(source: Path) -> list[str]:
+    return sorted(p.name for p in source.iterdir())
+
+
+def _copy(source: Path, names: list[str], folder: Path) -> Path:
+    """``folder`` (created if needed) with copies of these photos of ``source``."""
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        shutil.copy(source / name, folder / name)
+    return folder
+
+
 def _index_args(folder: Path, index_dir: Path, pca: Path, *extra: str) -> list[str]:
     return ["index", str(folder), str(index_dir), "--pca", str(pca), "--classes", "8", "--workers", "0", "--quiet", *extra]
 
@@ -77,18 +89,14 @@ def _catalog_shards(index_dir: Path) -> set[str]:
 
 def test_a_second_run_describes_only_new_and_changed_images(photos, reference, tmp_path):
     source, pca = photos
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    names = sorted(p.name for p in source.iterdir())
-    for name in names[:30]:
-        shutil.copy(source / name, folder / name)
+    names = _names(source)
+    folder = _copy(source, names[:30], tmp_path / "photos")
     index_dir = tmp_path / "index"
     first = _update(index_dir, folder, pca, commit_every=8)
     assert (first.added, first.updated, first.unchanged, first.commits, first.total) == (30, 0, 0, 4, 30)
     assert len(_shard_folders(index_dir)) == 4
 
-    for name in names[30:]:  # the collection grows by a third
-        shutil.copy(source / name, folder / name)
+    _copy(source, names[30:], folder)  # the collection grows by a third
     second = _update(index_dir, folder, pca, commit_every=8)
     assert (second.added, second.updated, second.unchanged, second.commits, second.total) == (10, 0, 30, 2, 40)
     index = Index.open(index_dir)
@@ -120,17 +128,14 @@ def test_a_second_run_describes_only_new_and_changed_images(photos, reference, t
 
 def test_unreadable_files_are_recorded_and_tried_again_only_when_changed(photos, tmp_path, capsys):
     source, pca = photos
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for name in sorted(p.name for p in source.iterdir())[:4]:
-        shutil.copy(source / name, folder / name)
+    folder = _copy(source, _names(source)[:4], tmp_path / "photos")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
     index_dir = tmp_path / "index"
     assert main(_index_args(folder, index_dir, pca)) == 0
     assert "skipped broken.jpg" in capsys.readouterr().err
     assert main(_index_args(folder, index_dir, pca)) == 0
     assert "1 files that failed before and have not changed were not tried again" in capsys.readouterr().err
-    shutil.copy(source / sorted(p.name for p in source.iterdir())[5], folder / "broken.jpg")  # repaired
+    shutil.copy(source / _names(source)[5], folder / "broken.jpg")  # repaired
     assert main(_index_args(folder, index_dir, pca)) == 0
     assert "indexed 1 images (0 new files, 1 changed, 0 unusable; 4 unchanged)" in capsys.readouterr().out
     assert "broken.jpg" in Index.open(index_dir).paths
@@ -186,10 +191,7 @@ def test_sigkill_at_random_moments_never_corrupts_and_the_next_run_resumes(photo
 
 def test_readers_see_consistent_snapshots_while_a_writer_adds(photos, reference, tmp_path):
     source, pca = photos
-    folder = tmp_path / "photos"  # 16 of the photos: 8 commits of 2
-    folder.mkdir()
-    for name in sorted(p.name for p in source.iterdir())[::5] + sorted(p.name for p in source.iterdir())[1::5]:
-        shutil.copy(source / name, folder / name)
+    folder = _copy(source, _names(source)[::5] + _names(source)[1::5], tmp_path / "photos")  # 16: 8 commits of 2
     index_dir = tmp_path / "index"
     process = _start_index(folder, index_dir, pca, commit_every=2)
     sizes = []
@@ -224,10 +226,7 @@ def test_a_second_writer_is_refused(photos, tmp_path, capsys):
 def test_mismatched_settings_incompatible_folders_and_versions_are_refused(photos, tmp_path, capsys):
     source, pca = photos
     index_dir = tmp_path / "index"
-    few = tmp_path / "few"
-    few.mkdir()
-    for name in sorted(p.name for p in source.iterdir())[:3]:
-        shutil.copy(source / name, few / name)
+    few = _copy(source, _names(source)[:3], tmp_path / "few")
     assert main(_index_args(few, index_dir, pca)) == 0
     capsys.readouterr()
     assert main(_index_args(few, index_dir, pca, "--classes", "4")) == 2
@@ -294,11 +293,8 @@ def test_a_failed_write_loses_nothing_committed(photos, reference, tmp_path, mon
 
 def test_an_approximate_index_is_kept_up_to_date_and_exact_search_stays_available(photos, tmp_path, capsys):
     source, pca = photos
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    names = sorted(p.name for p in source.iterdir())
-    for name in names[:30]:
-        shutil.copy(source / name, folder / name)
+    names = _names(source)
+    folder = _copy(source, names[:30], tmp_path / "photos")
     index_dir = tmp_path / "index"
     assert main(_index_args(folder, index_dir, pca, "--no-maps", "--ann", "hnsw")) == 0
     assert "approximate index: hnsw, recall@100 1.000" in capsys.readouterr().out  # 30 images: all are found
@@ -308,8 +304,7 @@ def test_an_approximate_index_is_kept_up_to_date_and_exact_search_stays_availabl
     scores, ids = index.search_descriptors(index.descriptors[:5], top=1)
     assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
 
-    for name in names[30:]:  # grows: the approximate index follows (the option is remembered)
-        shutil.copy(source / name, folder / name)
+    _copy(source, names[30:], folder)  # grows: the approximate index follows (the option is remembered)
     assert main(_index_args(folder, index_dir, pca, "--no-maps")) == 0
     index = Index.open(index_dir)
     assert isinstance(index.faiss_index, faiss.IndexHNSWFlat) and index.faiss_index.ntotal == 40
@@ -349,11 +344,8 @@ def test_files_that_vanish_or_change_during_indexing(photos, reference, tmp_path
     """A file deleted after the folder was listed is reported and skipped; a file rewritten while the run describes
     it is described again by the next run (its recorded size and mtime are those seen before it changed)."""
     source, pca = photos
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    names = sorted(p.name for p in source.iterdir())[:6]
-    for name in names:
-        shutil.copy(source / name, folder / name)
+    names = _names(source)[:6]
+    folder = _copy(source, names, tmp_path / "photos")
     from camretrieval.images import ImageFileDataset
 
     original = ImageFileDataset.__getitem__

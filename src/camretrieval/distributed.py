@@ -49,17 +49,12 @@ class ShardWorker:
     def __init__(self, spec: dict) -> None:
         import torch
 
-        from .backbones import load_backbone
-        from .descriptor import Describer
+        from .index import index_describer
         from .whitening import PCAWhitening
 
         torch.set_num_threads(max(1, int(spec["threads"])))
-        backbone = load_backbone(spec["backbone"], weights=spec["weights"], feature_layer=spec["feature_layer"])
         whitening = PCAWhitening.load(spec["whitening"]) if spec["whitening"] else None
-        self.describer = Describer(
-            backbone, spec["size"], spec["n_classes"], whitening, spec["device"], spec["pooling"],
-            class_list=spec["class_list"], precision=spec["precision"],
-        )
+        self.describer = index_describer(whitening=whitening, **spec["describer"])
         self.spec = spec
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

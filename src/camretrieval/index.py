@@ -210,15 +210,7 @@ class Index:
         if not paths:
             raise CamRetrievalError(f"no images (jpg, jpeg, png, webp, bmp, tif, tiff) under {image_root}")
         weights = str(Path(weights).resolve()) if weights else None
-        describer = Describer(
-            load_backbone(backbone, weights=weights, feature_layer=feature_layer),
-            size,
-            n_classes,
-            whitening,
-            device,
-            pooling,
-            class_list,
-        )
+        describer = index_describer(backbone, weights, feature_layer, size, n_classes, whitening, device, pooling, class_list)
         if keep_maps is None:
             keep_maps = pooling == "cam"
         if not keep_maps:
@@ -230,7 +222,7 @@ class Index:
             )
         if not done:
             raise CamRetrievalError(f"none of the {len(paths)} images under {image_root} could be read")
-        settings = describer.settings.to_dict() | {"n_classes": describer.n_classes, "weights": weights}
+        settings = index_settings(describer, weights)
         index = cls(descriptors, [paths[i] for i in done], whitening, settings, image_root.resolve(), maps=store)
         index._maps_spooled = store is not None
         index._describer = describer
@@ -294,27 +286,7 @@ class Index:
     @classmethod
     def _from_snapshot(cls, store: IndexStore, snapshot: Snapshot, device: str, exact: bool) -> "Index":
         meta = snapshot.meta
-        if "settings" not in meta:
-            raise IndexFileError(f"the index at {store.directory} holds no images yet: {rebuild_hint(store.directory)}")
-        shard_of, rows = np.asarray(snapshot.shard_of, dtype=np.int64), np.asarray(snapshot.rows, dtype=np.int64)
-        descriptors = np.zeros((len(rows), meta.get("dim", 0)), dtype=np.float32)
-        shard_maps = []
-        try:
-            whitening = PCAWhitening.load(store.directory / meta["whitening"]) if meta.get("whitening") else None
-            for number, name in enumerate(snapshot.shards):
-                mine = shard_of == number
-                stored = np.load(store.shard_path(name) / DESCRIPTORS, mmap_mode="r", allow_pickle=False)
-                descriptors[mine] = stored[rows[mine]]
-                if meta.get("maps"):
-                    shard_maps.append(MapStore.open(store.shard_path(name), meta["maps"]["separate_cam_layer"]))
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError, IndexError, CamRetrievalError) as error:
-            raise IndexFileError(
-                f"the index at {store.directory} is incomplete or damaged ({error}): rebuild it with "
-                f"{rebuild_hint(store.directory)}"
-            ) from error
-        maps = MapStore.gather(shard_maps, shard_of, rows) if meta.get("maps") else None
+        descriptors, whitening, maps = load_snapshot(store, snapshot, with_maps=True)
         faiss_index = None if exact else store.load_ann(snapshot)
         if faiss_index is None and meta.get("float16"):  # half the memory; no measurable mAP cost (docs/dynamic.md)
             faiss_index = build_search_index(descriptors, None, float16=True)
@@ -329,10 +301,9 @@ class Index:
         """The query describer, with the backbone and settings the index was built with (loaded on first use)."""
         if self._describer is None:
             s = self.settings
-            backbone = load_backbone(s["backbone"], weights=s.get("weights"), feature_layer=s["feature_layer"])
-            self._describer = Describer(
-                backbone, s["size"], s["n_classes"], self.whitening, self.device, s.get("pooling", DEFAULT_POOLING),
-                s.get("class_list"),
+            self._describer = index_describer(
+                s["backbone"], s.get("weights"), s["feature_layer"], s["size"], s["n_classes"], self.whitening,
+                self.device, s.get("pooling", DEFAULT_POOLING), s.get("class_list"),
             )
         return self._describer
 
@@ -514,6 +485,66 @@ class Index:
         allowed[ranking.ids] = True
         ids = self._order(scores, allowed)
         return Ranking(ids, scores[ids], ranking.base, dict(ranking.overrides), query=query)
+
+
+def index_describer(
+    backbone: str,
+    weights: str | None,
+    feature_layer: str | None,
+    size: int,
+    n_classes: int,
+    whitening: PCAWhitening | None,
+    device: str,
+    pooling: str,
+    class_list: Sequence[int] | None = None,
+    precision: str = "float32",
+) -> Describer:
+    """The describer an index's images are described with (by :meth:`Index.build`, ``update_index`` and each Ray
+    worker alike); ``weights``: an absolute path, or None for packaged weights."""
+    return Describer(
+        load_backbone(backbone, weights=weights, feature_layer=feature_layer),
+        size,
+        n_classes,
+        whitening,
+        device,
+        pooling,
+        class_list=class_list,
+        precision=precision,
+    )
+
+
+def index_settings(describer: Describer, weights: str | None) -> dict:
+    """The settings an index records: everything that determines its descriptors (queries are described alike)."""
+    return describer.settings.to_dict() | {"n_classes": describer.n_classes, "weights": weights}
+
+
+def load_snapshot(
+    store: IndexStore, snapshot: Snapshot, with_maps: bool
+) -> tuple[np.ndarray, PCAWhitening | None, MapStore | None]:
+    """A snapshot's descriptors (in snapshot order), its whitening, and (``with_maps``, when stored) its maps."""
+    meta = snapshot.meta
+    if "settings" not in meta:
+        raise IndexFileError(f"the index at {store.directory} holds no images yet: {rebuild_hint(store.directory)}")
+    with_maps = with_maps and bool(meta.get("maps"))
+    shard_of, rows = np.asarray(snapshot.shard_of, dtype=np.int64), np.asarray(snapshot.rows, dtype=np.int64)
+    descriptors = np.zeros((len(rows), meta.get("dim", 0)), dtype=np.float32)
+    shard_maps = []
+    try:
+        whitening = PCAWhitening.load(store.directory / meta["whitening"]) if meta.get("whitening") else None
+        for number, name in enumerate(snapshot.shards):
+            mine = shard_of == number
+            stored = np.load(store.shard_path(name) / DESCRIPTORS, mmap_mode="r", allow_pickle=False)
+            descriptors[mine] = stored[rows[mine]]
+            if with_maps:
+                shard_maps.append(MapStore.open(store.shard_path(name), meta["maps"]["separate_cam_layer"]))
+    except FileNotFoundError:
+        raise  # Index.open looks again: a writer may have deleted a shard after this snapshot
+    except (OSError, ValueError, IndexError, CamRetrievalError) as error:
+        raise IndexFileError(
+            f"the index at {store.directory} is incomplete or damaged ({error}): rebuild it with "
+            f"{rebuild_hint(store.directory)}"
+        ) from error
+    return descriptors, whitening, MapStore.gather(shard_maps, shard_of, rows) if with_maps else None
 
 
 def _file_state(root: Path | None, path: str) -> FileState:

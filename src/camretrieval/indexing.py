@@ -19,12 +19,11 @@ import numpy as np
 from tqdm import tqdm
 
 from .ann import ANN_KINDS, build_search_index, measure_recall
-from .backbones import load_backbone
 from .distributed import DEFAULT_RAY_WORKERS, describe_with_ray
 from .descriptor import DEFAULT_BACKBONE, DEFAULT_CLASSES, DEFAULT_POOLING, DEFAULT_SIZE, Describer, FileFailure
 from .errors import CamRetrievalError
 from .images import find_images
-from .index import Index
+from .index import index_describer, index_settings, load_snapshot
 from .mapstore import MapStoreWriter
 from .store import DESCRIPTORS, FileState, IndexFileError, IndexStore, new_shard_folder, publish_shard
 from .whitening import PCAWhitening
@@ -92,11 +91,6 @@ class ShardResult:
     done: list[tuple[str, FileState, int]]  # path, state, row in the shard
     failed: list[tuple[str, FileState, str]]  # path, state, reason
     dim: int | None  # the descriptors' dimension
-
-
-def index_settings(describer: Describer, n_classes: int, weights: str | None) -> dict:
-    """The settings an index records: everything that determines its descriptors (queries are described alike)."""
-    return describer.settings.to_dict() | {"n_classes": n_classes, "weights": weights}
 
 
 def check_compatible(store: IndexStore, wanted: dict, whitening: PCAWhitening | None) -> None:
@@ -168,21 +162,16 @@ def update_index(
         raise CamRetrievalError(f"unknown engine {engine!r}: choose local or ray")
     if commit_every < 1:
         raise CamRetrievalError(f"commit_every must be at least 1, got {commit_every}")
-    weights = str(Path(weights).resolve()) if weights else None
-    describer = Describer(
-        load_backbone(backbone, weights=weights, feature_layer=feature_layer),
-        size,
-        n_classes,
-        whitening,
-        device,
-        pooling,
-        class_list=class_list,
-        precision=precision,
-    )
+    options = {  # what makes the describer, here and in each Ray worker
+        "backbone": backbone, "weights": str(Path(weights).resolve()) if weights else None,
+        "feature_layer": feature_layer, "size": size, "n_classes": n_classes, "device": device, "pooling": pooling,
+        "class_list": class_list, "precision": precision,
+    }
+    describer = index_describer(whitening=whitening, **options)
     keep_maps = pooling == "cam" if keep_maps is None else keep_maps
     separate = describer.backbone.feature_layer != describer.backbone.cam_layer
     wanted = {
-        "settings": index_settings(describer, n_classes, weights),
+        "settings": index_settings(describer, options["weights"]),
         "image_root": str(image_root.resolve()),
         "maps": {"separate_cam_layer": separate} if keep_maps else None,
     }
@@ -197,10 +186,8 @@ def update_index(
                 print(f"{len(pending)} images to describe ({report.unchanged} already indexed)", file=sys.stderr)
             if engine == "ray":
                 spec = {
-                    "backbone": backbone, "weights": weights, "feature_layer": describer.backbone.feature_layer,
-                    "size": size, "n_classes": n_classes, "pooling": pooling, "class_list": class_list,
-                    "device": device, "precision": precision, "keep_maps": keep_maps, "batch_size": batch_size,
-                    "threads": 1, "image_root": str(image_root.resolve()), "index_dir": str(store.directory.resolve()),
+                    "describer": options, "keep_maps": keep_maps, "batch_size": batch_size, "threads": 1,
+                    "image_root": str(image_root.resolve()), "index_dir": str(store.directory.resolve()),
                     "whitening": str((store.directory / whitening_file).resolve()) if whitening_file else None,
                 }
                 shards = describe_with_ray(spec, pending, commit_every, ray_address, ray_workers)
@@ -214,7 +201,7 @@ def update_index(
             store.commit(None, [], meta=meta)
         _set_search_index(store, float16, ann, progress, report)
         store.delete_unused_files()
-        report.total = _done(store)
+        report.total = store.count_done()
     report.seconds = time.perf_counter() - started
     return report
 
@@ -262,19 +249,15 @@ def _commit_all(
                     bar.write(f"skipped {path}: {reason}", file=sys.stderr)
             bar.update(len(result.done) + len(result.failed))
     except KeyboardInterrupt:
-        print(f"the {_done(store)} images committed so far are safe: run the same command again to go on", file=sys.stderr)
+        print(f"the {store.count_done()} images committed so far are safe: run the same command again to go on", file=sys.stderr)
         raise
     except OSError as error:  # a full disk, a read-only or vanished index folder
         raise IndexFileError(
-            f"could not write to {store.directory} ({error.strerror or error}): the {_done(store)} images committed "
+            f"could not write to {store.directory} ({error.strerror or error}): the {store.count_done()} images committed "
             "so far are safe; fix that and run the same command again to go on"
         ) from error
     finally:
         bar.close()
-
-
-def _done(store: IndexStore) -> int:
-    return sum(1 for _, status in store.known_files().values() if status == "done")
 
 
 def _set_search_index(store: IndexStore, float16: bool | None, ann: str | None, progress: bool, report: UpdateReport) -> None:
@@ -374,7 +357,7 @@ def refresh_ann(store: IndexStore, progress: bool) -> dict | None:
     if current and current.get("kind") == kind and current.get("generation") == meta["generation"]:
         return current
     started = time.perf_counter()
-    descriptors = Index._from_snapshot(store, store.snapshot(), "cpu", exact=True).descriptors
+    descriptors, _, _ = load_snapshot(store, store.snapshot(), with_maps=False)
     if progress:
         print(f"building the {kind} index of {len(descriptors)} descriptors", file=sys.stderr)
     index = build_search_index(descriptors, kind, float16=bool(meta.get("float16")) and kind == "hnsw")

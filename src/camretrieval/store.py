@@ -257,6 +257,10 @@ class IndexStore:
             for path, size, mtime_ns, status in self.connection.execute("SELECT path, size, mtime_ns, status FROM images")
         }
 
+    def count_done(self) -> int:
+        """How many images the index holds."""
+        return self.connection.execute("SELECT COUNT(*) FROM images WHERE status = 'done'").fetchone()[0]
+
     def failures(self) -> list[tuple[str, str]]:
         return self.connection.execute("SELECT path, error FROM images WHERE status = 'failed' ORDER BY path").fetchall()
 
