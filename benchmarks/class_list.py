@@ -2,7 +2,7 @@
 
 ``camretrieval eval --class-list`` measures one list per run and re-extracts every image; this script extracts each
 image once (float16 maps kept in memory, cell-major) and computes, for each list, the class vectors of the listed
-classes from those maps (:func:`camretrieval.online.online_class_vectors`: Eq. 1-4 exactly as the descriptor
+classes from those maps (:func:`camretrieval.search.online.online_class_vectors`: Eq. 1-4 exactly as the descriptor
 computes them, from float16 maps, which moves descriptors by about 1e-5), learns the PCA-whitening on the vectors
 of the list's first class (N_pca = 1, what ``fit-pca --class-list`` does), aggregates and scores with the ``eval``
 protocol of a label folder (every image a query, itself excluded; clutter-dev queries are their boxes.json box:
@@ -31,15 +31,15 @@ import numpy as np
 import torch
 
 from camretrieval import Describer, PCAWhitening, load_backbone
-from camretrieval.aggregation import aggregate
-from camretrieval.cams import class_logits, top_classes
-from camretrieval.classlist import learn_class_list
-from camretrieval.datasets import image_folder
-from camretrieval.descriptor import crop_maps
-from camretrieval.evaluation import labels_mean_average_precision
-from camretrieval.images import find_images
-from camretrieval.online import online_class_vectors
-from camretrieval.regions import scale_box, validate_box
+from camretrieval.evaluation.datasets import image_folder
+from camretrieval.evaluation.metrics import labels_mean_average_precision
+from camretrieval.extraction.images import find_images
+from camretrieval.method.aggregation import aggregate
+from camretrieval.method.cams import class_logits, top_classes
+from camretrieval.method.cell_major import online_class_vectors
+from camretrieval.method.class_list import learn_class_list
+from camretrieval.method.feature_maps import crop_maps
+from camretrieval.method.regions import scale_box, validate_box
 from size_sweep import eth80_split
 
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camretrieval import Describer, PCAWhitening, load_backbone
-from camretrieval.images import ImageFileDataset, find_images
-from camretrieval.indexing import update_index
+from camretrieval import Describer, ExtractionSettings, PCAWhitening, load_backbone
+from camretrieval.extraction.images import ImageFileDataset, find_images
+from camretrieval.storage.writer import update_index
 
 
 def timed(function) -> float:
@@ -67,10 +67,10 @@ def main() -> None:
     def index(pooling: str, keep_maps: bool) -> None:
         target = workdir / "index"
         shutil.rmtree(target, ignore_errors=True)
+        extraction = ExtractionSettings(size=args.size, n_classes=64, pooling=pooling)
         update_index(
-            target, images, whitening[pooling], size=args.size, n_classes=64, pooling=pooling, keep_maps=keep_maps,
-            batch_size=args.batch_size, workers=args.workers, device=args.device, progress=False,
-            precision=args.precision,
+            target, images, whitening[pooling], extraction, keep_maps=keep_maps, batch_size=args.batch_size,
+            workers=args.workers, device=args.device, progress=False, precision=args.precision,
         )
 
     # The bare forward pass: the same images, decoded and resized beforehand, in full same-shape batches.

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from camretrieval import Index
-from camretrieval.images import find_images
+from camretrieval.extraction.images import find_images
 
 
 def run_index(images: Path, index_dir: Path, pca: Path, extra: list[str]) -> float:

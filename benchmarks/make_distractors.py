@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from camretrieval.images import find_images
+from camretrieval.extraction.images import find_images
 
 SEED = 2017
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from camretrieval import Describer, fit_whitening, load_backbone
-from camretrieval.evaluation import labels_mean_average_precision
-from camretrieval.expansion import expanded_query
+from camretrieval.evaluation.metrics import labels_mean_average_precision
+from camretrieval.search.expansion import expanded_query
 from size_sweep import eth80_split
 
 

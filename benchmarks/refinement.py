@@ -42,12 +42,13 @@ from PIL import Image
 
 from camretrieval import Describer, Index, PCAWhitening, fit_whitening, load_backbone
 from camretrieval.errors import CamRetrievalError
-from camretrieval.evaluation import average_precision, labels_mean_average_precision
-from camretrieval.aggregation import aggregate
-from camretrieval.images import find_images, load_image, preprocess
-from camretrieval.index import QueryDescription, Ranking, SearchOptions
-from camretrieval.online import online_class_vectors, online_descriptors
-from camretrieval.reranking import region_scores, rerank_order
+from camretrieval.evaluation.metrics import average_precision, labels_mean_average_precision
+from camretrieval.extraction.images import find_images, load_image, preprocess
+from camretrieval.method.aggregation import aggregate
+from camretrieval.method.cell_major import online_class_vectors
+from camretrieval.search.online import online_descriptors
+from camretrieval.search.refinement import QueryDescription, Ranking, SearchOptions
+from camretrieval.search.reranking import region_scores, rerank_order
 
 QE_VARIANTS = [("", 0, 0.0), (" + QE2", 2, 0.0), (" + QE5", 5, 0.0), (" + aQE5 (a=3)", 5, 3.0)]
 
@@ -76,11 +77,10 @@ def prepare(args: argparse.Namespace) -> Index:
         pass
     started = time.perf_counter()
     index, failures = Index.build(images, whitening, backbone=args.backbone, size=args.size,
-                                  progress=args.distractors is not None, maps_dir=workdir)
+                                  progress=args.distractors is not None, index_dir=index_dir)
     assert not failures, failures
-    index.save(index_dir)
     print(f"indexed {len(index)} images in {time.perf_counter() - started:.0f} s")
-    return Index.open(index_dir), index_dir
+    return index, index_dir
 
 
 def link_collection(root: Path, clutter: Path, distractors: Path) -> Path:
@@ -172,7 +172,7 @@ def ablations(index: Index, query_ids: list[int], boxes: dict, labels: list[str]
             similarity_row(ranking_of(crop8raw @ cropped.descriptor(8, None), query_id), len(index)))
         rows["OfA, query = forwarded crop"].append(
             similarity_row(ranking_of(index.descriptors @ cropped.descriptor(64, index.whitening), query_id), len(index)))
-        first = index.initial_ranking(query, SearchOptions(), exclude=[query_id])
+        first = index.refinement.initial_ranking(query, SearchOptions(), exclude=[query_id])
         candidates = first.ids[:rerank]
         regions = region_scores(index.maps, candidates, query.classes[:6], query.descriptor(6, None), weight, None, (32, 32))
         ids = np.concatenate([candidates[rerank_order(regions.scores)], first.ids[rerank:]])
@@ -217,10 +217,10 @@ def main() -> None:
           + ", ".join(f"{name} {size / 1e3:.1f} kB" for name, size in stored.items() if name != "total") + ")")
 
     def online(n_classes):
-        return lambda q, ofa, excluded: index.initial_ranking(q, SearchOptions(online=True, online_classes=n_classes), excluded)
+        return lambda q, ofa, excluded: index.refinement.initial_ranking(q, SearchOptions(online=True, online_classes=n_classes), excluded)
 
     def rerank(top):
-        return lambda q, ofa, excluded: index.rerank(q, ofa, top)
+        return lambda q, ofa, excluded: index.refinement.rerank(q, ofa, top)
 
     bases = {"OfA": lambda q, ofa, excluded: ofa}
     bases |= {f"OnA N_c={n}": online(n) for n in args.online_classes}
@@ -236,7 +236,7 @@ def main() -> None:
         query = index.describe_query(index.image_root / path, tuple(boxes[path]), needed)
         forward_seconds.append(time.perf_counter() - started)
         started = time.perf_counter()
-        ofa = index.initial_ranking(query, SearchOptions(), exclude=[query_id])
+        ofa = index.refinement.initial_ranking(query, SearchOptions(), exclude=[query_id])
         ofa_seconds = time.perf_counter() - started
         for base_name, stage in bases.items():
             started = time.perf_counter()
@@ -244,7 +244,7 @@ def main() -> None:
             base_seconds = time.perf_counter() - started + ofa_seconds * (base_name.startswith("OfA"))
             for suffix, qe, alpha in QE_VARIANTS:
                 started = time.perf_counter()
-                final = index.expand(ranking, qe, alpha) if qe else ranking
+                final = index.refinement.expand(ranking, qe, alpha) if qe else ranking
                 name = base_name + suffix
                 seconds[name].append(base_seconds + time.perf_counter() - started)
                 rows[name].append(similarity_row(final, len(index)))

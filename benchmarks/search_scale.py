@@ -1,5 +1,5 @@
 """Search at scale: latency, recall@100 against exact search, build time and memory per image, versus collection
-size, for exact search (float32, float16) and the approximate indexes of camretrieval.ann (HNSW, IVF-PQ).
+size, for exact search (float32, float16) and the approximate indexes of camretrieval.storage.ann (HNSW, IVF-PQ).
 
 The vectors are synthetic, d=512 and l2-normalised like whitened descriptors. They are not uniform on the sphere,
 where every pair is nearly orthogonal and "nearest" means little: real descriptors form clumps (views of one object
@@ -38,7 +38,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from camretrieval.ann import build_search_index, index_kind, recall_at, search_settings  # noqa: E402
+from camretrieval.storage.ann import build_search_index, index_kind, recall_at, search_settings  # noqa: E402
 
 DIM = 512
 N_CENTRES = 4000
@@ -199,8 +199,8 @@ def eth80_float16(data: Path) -> None:
     """mAP of unwhitened lite0 descriptors (size 256) of ETH-80-dev, each view a query against all other views
     (positives: the same object folder), with the descriptors in float32 and rounded to float16."""
     from camretrieval import Describer, load_backbone
-    from camretrieval.evaluation import labels_mean_average_precision
-    from camretrieval.images import find_images
+    from camretrieval.evaluation.metrics import labels_mean_average_precision
+    from camretrieval.extraction.images import find_images
 
     root = data / "eth80-dev"
     paths = find_images(root)

@@ -16,10 +16,9 @@ import json
 import time
 from pathlib import Path
 
-
 from camretrieval import Describer, fit_whitening, load_backbone
-from camretrieval.evaluation import labels_mean_average_precision
-from camretrieval.images import find_images
+from camretrieval.evaluation.metrics import labels_mean_average_precision
+from camretrieval.extraction.images import find_images
 
 
 def eth80_split(root: Path) -> tuple[list[str], list[str]]:

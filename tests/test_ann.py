@@ -1,4 +1,4 @@
-"""camretrieval.ann on small synthetic clustered descriptors: exact search matches numpy, float16 storage barely moves
+"""camretrieval.storage.ann on small synthetic clustered descriptors: exact search matches numpy, float16 storage barely moves
 scores, the approximate indexes find most true neighbours, recall is counted right, and indexes survive
 serialisation."""
 
@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from camretrieval.ann import (
+from camretrieval.errors import CamRetrievalError
+from camretrieval.storage.ann import (
     ANN_KINDS,
     build_search_index,
     deserialize,
@@ -19,7 +20,6 @@ from camretrieval.ann import (
     serialize,
     set_search_effort,
 )
-from camretrieval.errors import CamRetrievalError
 
 
 def clustered(n: int = 3000, d: int = 64, n_centres: int = 60, seed: int = 0) -> np.ndarray:

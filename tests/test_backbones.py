@@ -5,10 +5,10 @@ import torch
 from PIL import Image
 
 from camretrieval import imagenet_class_names, list_backbones, load_backbone
-from camretrieval.backbones import WeightsNotFoundError, map_efficientnet_lite_weights
-from camretrieval.cams import class_activation_maps
 from camretrieval.errors import CamRetrievalError
-from camretrieval.images import preprocess
+from camretrieval.extraction.backbones import WeightsNotFoundError, map_efficientnet_lite_weights
+from camretrieval.extraction.images import preprocess
+from camretrieval.method.cams import class_activation_maps
 
 ALL_BACKBONES = ["densenet161", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "vgg16_cam"]
 
@@ -90,7 +90,7 @@ def test_landmark_photos_get_building_classes(landmarks_dir, lite0):
     names = imagenet_class_names()
     buildings = {"church, church building", "palace", "dome", "bell cote, bell cot", "monastery", "mosque", "castle",
                  "triumphal arch", "suspension bridge", "steel arch bridge", "pier", "library", "obelisk", "bannister, banister, balustrade, balusters, handrail"}
-    from camretrieval.images import load_image
+    from camretrieval.extraction.images import load_image
 
     hits = 0
     photos = sorted(landmarks_dir.glob("*.jpg"))

@@ -11,14 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from camretrieval.aggregation import aggregate
-from camretrieval.backbones import FeatureMaps
 from camretrieval.cli import main
-from camretrieval.classlist import ClassList, ClassListError, learn_class_list, learn_classes, most_frequent_classes
-from camretrieval.descriptor import Describer, ExtractionSettings, check_whitening, class_weighted_vectors
 from camretrieval.errors import CamRetrievalError
-from camretrieval.index import Index, SearchOptions
-from camretrieval.whitening import PCAWhitening, WhiteningFileError
+from camretrieval.extraction.describer import Describer, check_whitening
+from camretrieval.extraction.fitting import learn_classes
+from camretrieval.extraction.settings import ExtractionSettings
+from camretrieval.method.aggregation import aggregate
+from camretrieval.method.class_list import ClassList, ClassListError, learn_class_list, most_frequent_classes
+from camretrieval.method.feature_maps import FeatureMaps
+from camretrieval.method.pooling import class_weighted_vectors
+from camretrieval.method.whitening import PCAWhitening, WhiteningFileError
+from camretrieval.search import Index, SearchOptions
 from reference import reference_class_list, reference_descriptor, reference_listed_class_vectors
 
 SIZE = 128

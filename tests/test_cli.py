@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from camretrieval.cli import main, read_queries_file
-from camretrieval.index import Index, IndexFileError
-from camretrieval.store import IndexStore
+from camretrieval.search.index import Index
+from camretrieval.storage.catalog import IndexFileError, IndexStore
 
 SIZE = 128  # small images keep these runs short; the defaults are exercised in test_end_to_end.py
 
@@ -187,7 +187,7 @@ def test_eval_json_scores_what_the_index_descriptors_score(collection, tmp_path)
     assert record["settings"]["database_images"] == 33 and record["settings"]["queries"] == 33
     assert len(record["aps"]) == 33 and record["seconds_per_image"] > 0
     # The same images, settings and whitening through the index: the same mAP, computed independently here.
-    from camretrieval.evaluation import labels_mean_average_precision
+    from camretrieval.evaluation.metrics import labels_mean_average_precision
 
     index = Index.open(index_dir)
     labels = [p.split("/")[0] for p in index.paths]

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from camretrieval.datasets import (
+from camretrieval.errors import CamRetrievalError
+from camretrieval.evaluation.datasets import (
     DATASET_NAMES,
     DatasetError,
     RetrievalDataset,
@@ -25,8 +26,7 @@ from camretrieval.datasets import (
     ukbench,
     with_distractors,
 )
-from camretrieval.errors import CamRetrievalError
-from camretrieval.evaluation import evaluate
+from camretrieval.evaluation.metrics import evaluate
 
 
 def names_of(dataset: RetrievalDataset, indices: np.ndarray) -> set[str]:

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from camretrieval import Describer, Index, PCAWhitening, fit_whitening
-from camretrieval.descriptor import DEFAULT_CLASSES, DEFAULT_SIZE
 from camretrieval.errors import CamRetrievalError
-from camretrieval.evaluation import labels_mean_average_precision
-from camretrieval.images import find_images, load_image
-from camretrieval.regions import box_to_cells, scale_box
+from camretrieval.evaluation.metrics import labels_mean_average_precision
+from camretrieval.extraction.images import find_images, load_image
+from camretrieval.extraction.settings import DEFAULT_CLASSES, DEFAULT_SIZE
+from camretrieval.method.regions import box_to_cells, scale_box
 from reference import reference_class_vectors, reference_descriptor
 
 

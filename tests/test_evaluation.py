@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from camretrieval.datasets import Query, RetrievalDataset, from_revisitop_pickle
 from camretrieval.errors import CamRetrievalError
-from camretrieval.evaluation import (
+from camretrieval.evaluation.datasets import Query, RetrievalDataset, from_revisitop_pickle
+from camretrieval.evaluation.metrics import (
     EvaluationError,
     average_precision,
     classic_map,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from camretrieval.descriptor import Describer
-from camretrieval.images import ImageError, check_image_size, find_images, load_image, shape_order, to_rgb
+from camretrieval.extraction.describer import Describer
+from camretrieval.extraction.images import ImageError, check_image_size, find_images, load_image, shape_order, to_rgb
 
 
 def _photo(size=(96, 64)) -> Image.Image:

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from camretrieval.aggregation import aggregate
-from camretrieval.backbones import FeatureMaps
-from camretrieval.cams import class_activation_maps, class_logits, normalize_cams, resize_cams, top_classes
-from camretrieval.descriptor import class_weighted_vectors
-from camretrieval.pooling import channel_weights, class_vectors, weighted_sum_pooling
-from camretrieval.whitening import PCAWhitening
+from camretrieval.method.aggregation import aggregate
+from camretrieval.method.cams import class_activation_maps, class_logits, normalize_cams, resize_cams, top_classes
+from camretrieval.method.feature_maps import FeatureMaps
+from camretrieval.method.pooling import channel_weights, class_vectors, class_weighted_vectors, weighted_sum_pooling
+from camretrieval.method.whitening import PCAWhitening
 from reference import reference_class_vectors, reference_descriptor
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from camretrieval import Describer, PCAWhitening, pooled_vectors
-from camretrieval.backbones import FeatureMaps
-from camretrieval.pooling import (
+from camretrieval.method.feature_maps import FeatureMaps
+from camretrieval.method.pooling import (
     crow_pooling,
     gem_pooling,
     max_pooling,
@@ -87,7 +87,7 @@ def test_pooled_vectors_are_l2_normalised_and_rmac_has_one_per_region(features):
     assert pooled_vectors(maps, "cam", weight, bias, n_classes=3).vectors.shape == (2, 3, 5)
     assert pooled_vectors(maps, "rmac", weight, bias, n_classes=3).vectors.shape == (2, len(rmac_regions(4, 6)), 5)
     sum_cw = pooled_vectors(maps, "sum-cw", weight, bias, 1).vectors[0, 0].double()
-    from camretrieval.pooling import channel_weights
+    from camretrieval.method.pooling import channel_weights
 
     expected = sum_pooling(features[:1]) * channel_weights(features[:1])
     assert torch.allclose(sum_cw, (expected / expected.norm())[0], atol=1e-6)

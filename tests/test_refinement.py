@@ -17,14 +17,15 @@ import torch
 
 from camretrieval import Describer, Index, PCAWhitening
 from camretrieval.cli import main
-from camretrieval.expansion import expanded_query, expansion_weights
-from camretrieval.images import load_image
-from camretrieval.index import SearchOptions
-from camretrieval.mapstore import MapsNotStoredError, MapStore, RaggedMaps
-from camretrieval.store import IndexStore
-from camretrieval.online import channel_weights_from_fractions, online_descriptors
-from camretrieval.pooling import channel_weights
-from camretrieval.reranking import cropped_region_class_vectors, region_scores
+from camretrieval.extraction.images import load_image
+from camretrieval.method.cell_major import cropped_region_class_vectors
+from camretrieval.method.pooling import channel_weights, channel_weights_from_fractions
+from camretrieval.search.expansion import expanded_query, expansion_weights
+from camretrieval.search.online import online_descriptors
+from camretrieval.search.refinement import SearchOptions
+from camretrieval.search.reranking import region_scores
+from camretrieval.storage.catalog import IndexStore
+from camretrieval.storage.maps import MapsNotStoredError, MapStore, RaggedMaps
 from reference import reference_descriptor
 
 SIZE = 128

@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from camretrieval.regions import (
+from camretrieval.errors import CamRetrievalError
+from camretrieval.extraction.images import resized_size
+from camretrieval.method.regions import (
     PROPOSAL_THRESHOLDS,
     BoxError,
     batch_region_proposals,
@@ -24,8 +26,6 @@ from camretrieval.regions import (
     scale_box,
     threshold_boxes,
 )
-from camretrieval.errors import CamRetrievalError
-from camretrieval.images import resized_size
 
 # --- A hand-made heatmap (rows = y, columns = x) and its box at each threshold, worked out by hand ---
 #
@@ -262,7 +262,7 @@ def test_with_the_querys_classes_a_proposal_finds_the_object(describer, clutter_
     for 79% (mean 0.53); with the classes of the photo's own object box 95% (mean 0.64). With the photo's OWN top-2
     classes (propose_regions' default) only 8% (mean 0.15): those classes are the landmark behind the object
     (mosque, palace, ...), so the proposals are on the background, as this method would do."""
-    from camretrieval.proposals import propose_regions
+    from camretrieval.explain.proposals import propose_regions
 
     boxes = json.loads((clutter_dir / "boxes.json").read_text())
     query = describer.image_vectors(clutter_dir / CLUTTER_QUERY, box=tuple(boxes[CLUTTER_QUERY]), n_classes=2)
@@ -273,7 +273,7 @@ def test_with_the_querys_classes_a_proposal_finds_the_object(describer, clutter_
 
 
 def test_proposals_of_a_landmark_photo_in_original_pixels(describer, landmarks_dir):
-    from camretrieval.proposals import compute_region_proposals, propose_regions
+    from camretrieval.explain.proposals import compute_region_proposals, propose_regions
 
     path = landmarks_dir / "sacre_coeur_02928139_3448003521.jpg"
     result = compute_region_proposals(describer, path)
@@ -294,7 +294,7 @@ def test_proposals_of_a_landmark_photo_in_original_pixels(describer, landmarks_d
 
 def test_the_figure_is_written(lite0, landmarks_dir, tmp_path):
     from camretrieval import Describer
-    from camretrieval.proposals import save_region_proposals_figure
+    from camretrieval.explain.drawing import save_region_proposals_figure
 
     quick = Describer(lite0, size=224)  # a quarter of the pixels: this test is about the file, not the boxes
     image = Image.open(landmarks_dir / "sacre_coeur_02928139_3448003521.jpg")
@@ -306,7 +306,8 @@ def test_the_figure_is_written(lite0, landmarks_dir, tmp_path):
 
 def test_the_picture_has_both_panels_a_caption_and_the_boxes(tmp_path):
     """Drawing needs no backbone: a made-up result on a plain image."""
-    from camretrieval.proposals import RegionProposals, draw_region_proposals, heatmap_overlay, stack_panels
+    from camretrieval.explain.drawing import draw_region_proposals, heatmap_overlay, stack_panels
+    from camretrieval.explain.proposals import RegionProposals
 
     heatmap = np.zeros((14, 19))
     heatmap[4:9, 6:12] = 1.0

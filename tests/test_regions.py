@@ -12,10 +12,10 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from camretrieval import load_backbone
-from camretrieval.descriptor import DEFAULT_SIZE, crop_maps
-from camretrieval.backbones import FeatureMaps
-from camretrieval.images import resized_size
-from camretrieval.regions import BoxError, box_to_cells, parse_box, scale_box, validate_box
+from camretrieval.extraction.images import resized_size
+from camretrieval.extraction.settings import DEFAULT_SIZE
+from camretrieval.method.feature_maps import FeatureMaps, crop_maps
+from camretrieval.method.regions import BoxError, box_to_cells, parse_box, scale_box, validate_box
 
 
 def real_sizes(gnd_dir: Path) -> list[tuple[int, int]]:

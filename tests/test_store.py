@@ -17,11 +17,11 @@ import faiss
 import numpy as np
 import pytest
 
-from camretrieval import Index, PCAWhitening
+from camretrieval import ExtractionSettings, Index, PCAWhitening
 from camretrieval.cli import main
 from camretrieval.errors import CamRetrievalError
-from camretrieval.indexing import update_index
-from camretrieval.store import CATALOG, SHARDS, IndexFileError, IndexStore
+from camretrieval.storage.catalog import CATALOG, SHARDS, IndexFileError, IndexStore
+from camretrieval.storage.writer import update_index
 
 SIZE = 96  # tiny images: these tests are about the store, not the descriptor
 SETTINGS = {"backbone": "efficientnet_lite0", "feature_layer": "head", "cam_layer": "head", "size": SIZE, "pooling": "cam"}
@@ -53,8 +53,10 @@ def reference(photos):
 
 
 def _update(index_dir: Path, folder: Path, pca: Path, **options):
-    options = {"size": SIZE, "n_classes": 8, "workers": 0, "progress": False} | options
-    return update_index(index_dir, folder, PCAWhitening.load(pca), **options)
+    whitening = PCAWhitening.load(pca)
+    settings = ExtractionSettings.from_pca(whitening, size=SIZE, n_classes=8)
+    options = {"workers": 0, "progress": False} | options
+    return update_index(index_dir, folder, whitening, settings, **options)
 
 
 def _assert_matches(index: Index, reference: dict, atol: float = 1e-4) -> None:
@@ -279,13 +281,13 @@ def test_a_failed_write_loses_nothing_committed(photos, reference, tmp_path, mon
                 raise OSError(28, "No space left on device")
         return real_save(file, array, *args, **kwargs)
 
-    monkeypatch.setattr("camretrieval.indexing.np.save", failing_save)
+    monkeypatch.setattr("camretrieval.storage.writer.np.save", failing_save)
     with pytest.raises(CamRetrievalError, match=r"No space left on device.*16 images committed so far are safe"):
         _update(index_dir, source, pca, commit_every=8)
     index = Index.open(index_dir)
     assert len(index) == 16
     _assert_matches(index, reference)
-    monkeypatch.setattr("camretrieval.indexing.np.save", real_save)
+    monkeypatch.setattr("camretrieval.storage.writer.np.save", real_save)
     report = _update(index_dir, source, pca, commit_every=8)
     assert (report.added, report.unchanged, report.total) == (24, 16, 40)
     assert _shard_folders(index_dir) == _catalog_shards(index_dir)
@@ -346,7 +348,7 @@ def test_files_that_vanish_or_change_during_indexing(photos, reference, tmp_path
     source, pca = photos
     names = _names(source)[:6]
     folder = _copy(source, names, tmp_path / "photos")
-    from camretrieval.images import ImageFileDataset
+    from camretrieval.extraction.images import ImageFileDataset
 
     original = ImageFileDataset.__getitem__
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from camretrieval.errors import CamRetrievalError
-from camretrieval.whitening import PCAWhitening, WhiteningFileError
+from camretrieval.method.whitening import PCAWhitening, WhiteningFileError
 
 
 @pytest.fixture

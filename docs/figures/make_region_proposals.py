@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from camretrieval import Describer, imagenet_class_names, load_backbone
-from camretrieval.proposals import compute_region_proposals, draw_region_proposals, stack_panels
+from camretrieval.explain import compute_region_proposals, draw_region_proposals, stack_panels
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = os.environ.get("CAMRETRIEVAL_DATA", HERE.parents[2] / "shared" / "data")

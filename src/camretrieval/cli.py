@@ -9,23 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-from .ann import ANN_KINDS
-from .backbones import Backbone, WeightsNotFoundError, list_backbones, load_backbone
-from .classlist import DEFAULT_LENGTH, DEFAULT_TOP, ClassList, learn_classes
-from .datasets import DATASET_NAMES, RetrievalDataset, image_folder, load_dataset, with_distractors
-from .descriptor import (
-    DEFAULT_BACKBONE,
-    DEFAULT_CLASSES,
-    DEFAULT_POOLING,
-    DEFAULT_SIZE,
-    POOLINGS,
-    PRECISIONS,
-    Describer,
-    FileFailure,
-    fit_whitening,
+from camretrieval.errors import CamRetrievalError
+from camretrieval.evaluation.datasets import (
+    DATASET_NAMES,
+    RetrievalDataset,
+    image_folder,
+    load_dataset,
+    with_distractors,
 )
-from .errors import CamRetrievalError
-from .experiments import (
+from camretrieval.evaluation.runner import (
     Variant,
     VariantResult,
     evaluate_variants,
@@ -36,12 +28,29 @@ from .experiments import (
     table_1b_variants,
     table_2_variants,
 )
-from .images import find_images
-from .index import Index, SearchOptions
-from .distributed import DEFAULT_RAY_WORKERS
-from .indexing import DEFAULT_COMMIT_EVERY, remove_images, update_index
-from .regions import Box, parse_box
-from .whitening import PCAWhitening
+from camretrieval.extraction.backbones import Backbone, WeightsNotFoundError, list_backbones, load_backbone
+from camretrieval.extraction.describer import Describer, FileFailure
+from camretrieval.extraction.fitting import fit_whitening, learn_classes
+from camretrieval.extraction.images import find_images
+from camretrieval.extraction.settings import (
+    DEFAULT_BACKBONE,
+    DEFAULT_CLASSES,
+    DEFAULT_POOLING,
+    DEFAULT_SIZE,
+    PRECISIONS,
+    ExtractionSettings,
+)
+from camretrieval.method.cell_major import DEFAULT_RERANK_CLASSES
+from camretrieval.method.class_list import DEFAULT_LENGTH, DEFAULT_TOP, ClassList
+from camretrieval.method.pooling import POOLINGS
+from camretrieval.method.regions import Box, parse_box
+from camretrieval.method.whitening import PCAWhitening
+from camretrieval.search.index import Index
+from camretrieval.search.refinement import SearchOptions
+from camretrieval.storage.ann import ANN_KINDS
+from camretrieval.storage.maps import require_maps
+from camretrieval.storage.ray import DEFAULT_RAY_WORKERS
+from camretrieval.storage.writer import DEFAULT_COMMIT_EVERY, remove_images, update_index
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
@@ -203,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--online-classes", type=int, metavar="N", help="N_c of online aggregation (default: the index's)")
     refine.add_argument("--online-top", type=int, default=0, metavar="R", help="with --online: re-aggregate only the top R of the plain search (default: 0, all)")
     refine.add_argument("--rerank", type=int, default=0, metavar="R", help="re-rank the top R with CAM regions (default: 0, off)")
-    refine.add_argument("--rerank-classes", type=int, default=6, metavar="N", help="N_re, query classes describing the regions (default: 6)")
+    refine.add_argument(
+        "--rerank-classes", type=int, default=DEFAULT_RERANK_CLASSES, metavar="N",
+        help=f"N_re, query classes describing the regions (default: {DEFAULT_RERANK_CLASSES})",
+    )
     refine.add_argument("--qe", type=int, default=0, metavar="K", help="query expansion with the top K results (default: 0, off)")
     refine.add_argument("--qe-alpha", type=float, metavar="A", help="alpha-QE: weight the K results by similarity^A (default: average QE)")
 
@@ -289,7 +301,7 @@ def _add_class_list_option(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--class-list", type=Path, metavar="FILE", help=f"class list from camretrieval learn-classes: {what}")
 
 
-def _class_list(path: Path | None, backbone: Backbone | str, learned: dict) -> list[int] | None:
+def _class_list(path: Path | None, backbone: str, learned: dict) -> list[int] | None:
     """The classes of --class-list FILE (checked against the backbone), or of the PCA file when it was learned with a
     list; both given, they must be the same list."""
     from_pca = learned.get("class_list")
@@ -302,6 +314,17 @@ def _class_list(path: Path | None, backbone: Backbone | str, learned: dict) -> l
             f"learn it with camretrieval fit-pca --class-list {path}"
         )
     return listed
+
+
+def _settings(args: argparse.Namespace, whitening: PCAWhitening | None, n_classes: int | None = None) -> ExtractionSettings:
+    """The extraction settings of a command's options: each option given, else as the PCA-whitening was learned, else
+    the defaults; --class-list checked against the PCA's list."""
+    learned = whitening.settings if whitening is not None else {}
+    class_list = _class_list(getattr(args, "class_list", None), args.backbone or learned.get("backbone", DEFAULT_BACKBONE), learned)
+    return ExtractionSettings.from_pca(
+        whitening, backbone=args.backbone, weights=args.weights, feature_layer=args.feature_layer, size=args.size,
+        pooling=args.pooling, n_classes=n_classes, class_list=class_list,
+    )
 
 
 def _add_benchmark_options(parser: argparse.ArgumentParser) -> None:
@@ -336,11 +359,9 @@ def run_fit_pca(args: argparse.Namespace) -> int:
     paths = find_images(args.images_dir)
     if not paths:
         raise CamRetrievalError(f"no images under {args.images_dir}")
-    backbone = load_backbone(args.backbone, weights=args.weights, feature_layer=args.feature_layer)
-    class_list = _class_list(args.class_list, backbone, {})
-    describer = Describer(
-        backbone, size=args.size, device=args.device, pooling=args.pooling, class_list=class_list, precision=args.precision
-    )
+    settings = _settings(args, None)
+    class_list = settings.class_list
+    describer = Describer.from_settings(settings, None, args.device, args.precision)
     started = time.perf_counter()
     whitening, failures = fit_whitening(
         describer, paths, args.images_dir, args.dim, args.npca, args.batch_size, args.workers, not args.quiet
@@ -360,8 +381,8 @@ def run_learn_classes(args: argparse.Namespace) -> int:
     paths = find_images(args.images_dir)
     if not paths:
         raise CamRetrievalError(f"no images under {args.images_dir}")
-    backbone = load_backbone(args.backbone, weights=args.weights, feature_layer=args.feature_layer)
-    describer = Describer(backbone, size=args.size, device=args.device, precision=args.precision)
+    settings = ExtractionSettings(args.backbone, args.feature_layer, size=args.size, weights=args.weights)
+    describer = Describer.from_settings(settings, None, args.device, args.precision)
     listed, failures = learn_classes(
         describer, paths, args.images_dir, args.top, args.classes, args.batch_size, args.workers, not args.quiet
     )
@@ -377,18 +398,11 @@ def run_learn_classes(args: argparse.Namespace) -> int:
 
 def run_index(args: argparse.Namespace) -> int:
     whitening = PCAWhitening.load(args.pca)
-    learned = whitening.settings
-    class_list = _class_list(args.class_list, args.backbone or learned.get("backbone", DEFAULT_BACKBONE), learned)
     report = update_index(
         args.index_dir,
         args.images_dir,
         whitening,
-        backbone=args.backbone or learned.get("backbone", DEFAULT_BACKBONE),
-        weights=args.weights,
-        feature_layer=args.feature_layer or learned.get("feature_layer"),
-        size=args.size or learned.get("size", DEFAULT_SIZE),
-        n_classes=len(class_list) if class_list else args.classes,  # the list comes with the PCA-whitening
-        pooling=args.pooling or learned.get("pooling", DEFAULT_POOLING),
+        _settings(args, whitening, n_classes=args.classes),
         keep_maps=False if args.no_maps else None,
         batch_size=args.batch_size,
         workers=args.workers,
@@ -396,7 +410,6 @@ def run_index(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         commit_every=args.commit_every,
         ann=args.ann,
-        class_list=class_list,
         engine=args.engine,
         ray_address=args.address,
         ray_workers=args.ray_workers,
@@ -486,8 +499,8 @@ def run_search(args: argparse.Namespace) -> int:
         qe_alpha=args.qe_alpha or 0.0,
     )
     index = Index.open(args.index_dir, device=args.device, exact=args.exact)
-    if options.needs_maps and index.maps is None:  # one clear error, not one per query
-        index.require_maps("--online" if options.online else "--rerank")
+    if options.needs_maps:  # one clear error, not one per query
+        require_maps(index.maps, "--online" if options.online else "--rerank")
     results, failed = [], 0
     for query, box in queries:
         try:
@@ -513,21 +526,12 @@ def run_eval(args: argparse.Namespace) -> int:
         raise CamRetrievalError("give --pca FILE or --pca-images DIR, not both")
     dataset = _load_benchmark(args)
     whitening = PCAWhitening.load(args.pca) if args.pca is not None else None
-    learned = whitening.settings if whitening is not None else {}
-    backbone_name = args.backbone or learned.get("backbone", DEFAULT_BACKBONE)
-    backbone = load_backbone(
-        backbone_name, weights=args.weights, feature_layer=args.feature_layer or learned.get("feature_layer")
-    )
-    size = args.size or learned.get("size", DEFAULT_SIZE)
-    pooling = args.pooling or learned.get("pooling", DEFAULT_POOLING)
-    class_list = _class_list(args.class_list, backbone, learned)
-    n_classes = len(class_list) if class_list else args.classes
-    name = f", class list of {n_classes}" if class_list else f", N_c = {n_classes}"
+    settings = _settings(args, whitening, n_classes=args.classes)
+    pooling, n_classes = settings.pooling, settings.n_classes
+    name = f", class list of {n_classes}" if settings.class_list else f", N_c = {n_classes}"
     variant = Variant(f"{pooling}" + (name if pooling == "cam" else ""), pooling, n_classes,
                       whiten=whitening is not None or args.pca_images is not None)
-    describer = Describer(
-        backbone, size, n_classes, device=args.device, pooling=pooling, class_list=class_list, precision=args.precision
-    )
+    describer = Describer.from_settings(settings, None, args.device, args.precision)
     whitenings = {pooling: whitening} if whitening is not None else {}
     if args.pca_images is not None:
         whitenings = fit_variant_whitenings(
@@ -535,21 +539,22 @@ def run_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
         )
     [result] = evaluate_variants(
-        backbone, dataset, [variant], whitenings, size, args.batch_size, args.workers, args.device, not args.quiet,
-        keep_similarity=args.report is not None, class_list=class_list,
+        describer, dataset, [variant], whitenings, args.batch_size, args.workers, not args.quiet,
+        keep_similarity=args.report is not None,
     )
-    settings = describer.settings.to_dict() | {
-        "n_classes": n_classes, "weights": backbone.weights, "whitening": str(args.pca or args.pca_images or "none"),
+    record_settings = describer.settings.to_dict() | {
+        "weights": describer.backbone.weights, "whitening": str(args.pca or args.pca_images or "none"),
         "dataset": dataset.name, "database_images": len(dataset.images), "queries": len(dataset.queries),
     }
-    record = result_record(result, settings)
+    record = result_record(result, record_settings)
     if args.json:
         print(json.dumps(record, indent=2))
     else:
         print(f"{dataset.name}: {len(dataset.images)} database images, {len(dataset.queries)} queries")
-        print(markdown_table(f"{backbone_name}, size {size}, whitening {settings['whitening']}", [result]))
+        title = f"{settings.backbone}, size {settings.size}, whitening {record_settings['whitening']}"
+        print(markdown_table(title, [result]))
     if args.report is not None:
-        from .web import write_eval_report
+        from camretrieval.evaluation.report import write_eval_report
 
         page = write_eval_report(args.report, dataset, result, record, describer)
         print(f"report: {page}", file=sys.stderr)
@@ -571,9 +576,7 @@ def run_tables(args: argparse.Namespace) -> int:
             describer, variants, pca_paths, args.pca_images, args.dim, batch_size=args.batch_size, workers=args.workers,
             progress=progress,
         )
-        return evaluate_variants(
-            backbone, dataset, variants, whitenings, args.size, args.batch_size, args.workers, args.device, progress
-        )
+        return evaluate_variants(describer, dataset, variants, whitenings, args.batch_size, args.workers, progress)
 
     main_backbone = load_backbone(args.backbone)
     results = run(main_backbone, table_1a_variants() + table_1b_variants() + table_2_variants())
@@ -606,23 +609,24 @@ def run_tables(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo as demo
+    from camretrieval.demo import run_demo as demo
 
     return demo(workdir=args.workdir, size=args.size, top=args.top)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .web import serve
+    from camretrieval.web import serve
 
     serve(args.index_dir, args.host, args.port, args.device)
     return 0
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from .web import explain_figure, open_image_argument
+    from camretrieval.explain import explain_figure, open_image_argument
 
     image = open_image_argument(args.image)
-    describer = Describer(load_backbone(args.backbone, weights=args.weights), args.size, device=args.device)
+    settings = ExtractionSettings(args.backbone, size=args.size, weights=args.weights)
+    describer = Describer.from_settings(settings, device=args.device)
     box = parse_box(args.box) if args.box else None
     figure, classes = explain_figure(describer, image, args.classes, box, title=f"{image.name} ({args.backbone}, {args.size} px)")
     output = args.output or Path(f"{image.stem}.explain.png")

@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from .descriptor import DEFAULT_SIZE, Describer, fit_whitening
-from .backbones import load_backbone
-from .evaluation import average_precision
-from .images import find_images
-from .index import Index
+from camretrieval.evaluation.metrics import average_precision
+from camretrieval.extraction.backbones import load_backbone
+from camretrieval.extraction.describer import Describer
+from camretrieval.extraction.fitting import fit_whitening
+from camretrieval.extraction.images import find_images
+from camretrieval.extraction.settings import DEFAULT_SIZE
+from camretrieval.search.index import Index
 
 SUBJECTS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle"]
 DISTRACTORS = ["camera", "coins", "moon", "clock", "page", "text", "brick", "grass", "gravel", "cell", "colorwheel"]
@@ -92,8 +94,7 @@ def run_demo(workdir: Path | None = None, size: int = DEFAULT_SIZE, top: int = 5
         whitening.save(workdir / "pca.npz")
         print(f"learned {whitening.input_dim} -> {whitening.dim} PCA-whitening on {PCA_CROPS} crops of the distractors")
 
-        index, _ = Index.build(database, whitening, size=size, progress=False)
-        index.save(workdir / "index")
+        index, _ = Index.build(database, whitening, size=size, progress=False, index_dir=workdir / "index")
         print(f"indexed {len(index)} images with efficientnet_lite0, 64 CAMs, size {size}\n")
 
         query_list = [(name, queries / f"{name}.png", None) for name in SUBJECTS]

@@ -1,0 +1,96 @@
+"""The one settings object of extraction: what determines an image's descriptor.
+
+:class:`ExtractionSettings` is what a PCA-whitening file and an index record, what the command line builds from its
+options, what the index writer, each Ray worker, :class:`~camretrieval.search.index.Index` and the evaluation make
+their :class:`~camretrieval.extraction.describer.Describer` from (``Describer.from_settings``), so that the
+database, the queries and the whitening are always described alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from camretrieval.method.class_list import ClassList
+from camretrieval.method.whitening import PCAWhitening
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+DEFAULT_SIZE = 448
+DEFAULT_CLASSES = 64
+DEFAULT_POOLING = "cam"
+# The backbone's forward pass: float32, or autocast to bfloat16 / float16 (for GPUs: about twice the images per
+# second; the CAM arithmetic stays float32). How fast, not what: not part of the settings.
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+# The settings that determine the vectors a whitening is learned on and applied to (N_c and the weights file's
+# location do not: a whitening learned on top-1 class vectors serves any N_c).
+VECTOR_KEYS = ("backbone", "feature_layer", "cam_layer", "size", "pooling", "class_list")
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """What determines the descriptors of images: the classifier (``backbone``, its ``weights`` file when not
+    packaged, the ``feature_layer`` pooled, None for the backbone's own; ``cam_layer`` is the backbone's and is
+    filled in by the describer), the image ``size`` (shorter side), the ``pooling``, N_c (``n_classes``) and a
+    fixed ``class_list`` (paper section 4.3; N_c is then its length).
+
+    >>> settings = ExtractionSettings.from_pca(PCAWhitening.load("pca.npz"), n_classes=32)
+    >>> describer = Describer.from_settings(settings, whitening)    # loads the backbone
+    >>> settings.to_dict()                                     # what an index records
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    feature_layer: str | None = None
+    cam_layer: str | None = None
+    size: int = DEFAULT_SIZE
+    pooling: str = DEFAULT_POOLING
+    class_list: tuple[int, ...] | None = None
+    n_classes: int = DEFAULT_CLASSES
+    weights: str | None = None  # an absolute path, or None for the packaged weights
+
+    def __post_init__(self) -> None:
+        if isinstance(self.class_list, ClassList):  # a learned list: only for the classifier it was learned with
+            object.__setattr__(self, "class_list", self.class_list.check(self.backbone).classes)
+        if self.class_list is not None:
+            object.__setattr__(self, "class_list", tuple(int(c) for c in self.class_list))
+            object.__setattr__(self, "n_classes", len(self.class_list))  # every image is aggregated over the list
+        if self.weights is not None:
+            object.__setattr__(self, "weights", str(Path(self.weights).resolve()))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], **overrides: Any) -> "ExtractionSettings":
+        """Settings as recorded by :meth:`to_dict` (an index's, a PCA file's), with the ``overrides`` that are not
+        None; keys of other records (``n_pca``, ...) are ignored."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        given = {key: value for key, value in values.items() if key in names}
+        given |= {key: value for key, value in overrides.items() if value is not None}
+        unknown = set(given) - names
+        if unknown:
+            raise TypeError(f"unknown extraction settings: {', '.join(sorted(unknown))}")
+        return cls(**given)
+
+    @classmethod
+    def from_pca(cls, whitening: PCAWhitening | None, **overrides: Any) -> "ExtractionSettings":
+        """The settings a PCA-whitening was learned with (none: the defaults), with the ``overrides`` that are not
+        None. The weights are the user's, not the file's: a PCA file records where its weights were read."""
+        learned = dict(whitening.settings) if whitening is not None else {}
+        learned.pop("weights", None)
+        learned.pop("n_classes", None)
+        return cls.from_dict(learned, **overrides)
+
+    def to_dict(self) -> dict:
+        """The settings as JSON-ready values, as an index records them; ``class_list`` only when there is one."""
+        settings = dataclasses.asdict(self)
+        if self.class_list is None:
+            del settings["class_list"]
+        else:
+            settings["class_list"] = list(self.class_list)
+        return settings
+
+    def vector_settings(self) -> dict:
+        """The settings that a PCA-whitening must share with the descriptors it whitens (:data:`VECTOR_KEYS`)."""
+        settings = self.to_dict()
+        return {key: settings.get(key) for key in VECTOR_KEYS}

@@ -1,0 +1,248 @@
+"""Query-time refinement (METHOD.md sections 3 and 5) over an index's stored descriptors and maps.
+
+A query is described once (:class:`QueryDescription`: the class vectors of its top classes, of its region when it
+has a box); :meth:`Refinement.rank` then ranks the database by offline aggregation (OfA) or online aggregation with
+the query's classes (OnA, :mod:`camretrieval.search.online`), re-ranks the top-R with CAM regions
+(:mod:`camretrieval.search.reranking`) and expands the query (:mod:`camretrieval.search.expansion`), as
+:class:`SearchOptions` say. No database image is decoded or forwarded, and the stored data is never modified: each
+step returns a new :class:`Ranking`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from camretrieval.errors import CamRetrievalError
+from camretrieval.extraction.backbones import Backbone
+from camretrieval.method.aggregation import aggregate
+from camretrieval.method.cell_major import DEFAULT_RERANK_CLASSES
+from camretrieval.method.whitening import PCAWhitening
+from camretrieval.search.expansion import expanded_query
+from camretrieval.search.online import online_descriptors
+from camretrieval.search.reranking import region_scores, rerank_order
+from camretrieval.storage.maps import MapStore, require_maps
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Query-time refinement (METHOD.md sections 3 and 5); the defaults are plain offline aggregation (OfA).
+
+    - ``online``: online aggregation, every database image aggregated with the query's top-``online_classes``
+      classes (default: the index's N_c); ``online_top`` R > 0 re-aggregates only the top-R of the OfA search.
+    - ``rerank`` R: re-rank the top-R with CAM regions described with the query's top-``rerank_classes`` (N_re).
+    - ``qe`` K: query expansion with the top-K results, ``qe_alpha`` > 0 for alpha-QE (0: average QE).
+
+    R and K larger than the database are clipped to it.
+    """
+
+    online: bool = False
+    online_classes: int | None = None
+    online_top: int = 0
+    rerank: int = 0
+    rerank_classes: int = DEFAULT_RERANK_CLASSES
+    qe: int = 0
+    qe_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("online_top", "rerank", "qe"):
+            if getattr(self, name) < 0:
+                raise CamRetrievalError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
+        if self.online_classes is not None and self.online_classes < 1:
+            raise CamRetrievalError(f"online_classes must be at least 1, got {self.online_classes}")
+        if self.rerank_classes < 1:
+            raise CamRetrievalError(f"rerank_classes must be at least 1, got {self.rerank_classes}")
+        if not (self.qe_alpha >= 0 and np.isfinite(self.qe_alpha)):
+            raise CamRetrievalError(f"qe_alpha must be a finite power >= 0, got {self.qe_alpha}")
+        if self.online_top and not self.online:
+            raise CamRetrievalError("online_top only applies to online aggregation (online=True)")
+
+    @property
+    def refined(self) -> bool:
+        return self.online or self.rerank > 0 or self.qe > 0
+
+    @property
+    def needs_maps(self) -> bool:
+        return self.online or self.rerank > 0
+
+    def online_n_classes(self, n_classes: int) -> int:
+        """N_c of online aggregation: ``online_classes``, or the index's ``n_classes``."""
+        return self.online_classes or n_classes
+
+
+@dataclass
+class QueryDescription:
+    """A query's class vectors, from one forward pass of the query (of its region when it has a box, whose classes
+    are then the region's): ``vectors`` N x K, l2-normalised, of its top-N classes best first (``classes`` N), or
+    for a baseline pooling its pooled vectors (``classes`` None)."""
+
+    vectors: torch.Tensor
+    classes: torch.Tensor | None
+
+    def descriptor(self, n_classes: int | None, whitening: PCAWhitening | None) -> np.ndarray:
+        """The query's descriptor aggregated over its top-``n_classes`` class vectors (all for a baseline)."""
+        vectors = self.vectors if self.classes is None or n_classes is None else self.vectors[:n_classes]
+        with torch.inference_mode():
+            return aggregate(vectors.unsqueeze(0), whitening)[0].float().cpu().numpy()
+
+
+@dataclass
+class Ranking:
+    """One query's ranking of the database (the excluded images left out): ``ids`` best first and their ``scores``,
+    and the descriptor each image was scored with: row i of ``base`` (the stored OfA descriptors, or this query's
+    OnA descriptors), or ``overrides[i]`` (an image re-aggregated online or re-ranked by a region). The index's own
+    arrays are never written: ``base`` is the stored array only when nothing replaced it, and is read-only then."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    base: np.ndarray
+    overrides: dict[int, np.ndarray] = field(default_factory=dict)
+    query: np.ndarray | None = None  # the query descriptor the ranking was made with (expansion starts from it)
+
+    def descriptors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        rows = np.array(self.base[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+        for row, i in enumerate(np.asarray(ids).tolist()):
+            if i in self.overrides:
+                rows[row] = self.overrides[i]
+        return rows
+
+    def similarities(self, query: np.ndarray) -> np.ndarray:
+        """Every database image's similarity with ``query`` under this ranking's descriptors (N,)."""
+        scores = self.base @ np.asarray(query, dtype=np.float32)
+        if self.overrides:
+            ids = np.fromiter(self.overrides, dtype=np.int64)
+            scores[ids] = np.stack([self.overrides[i] for i in ids.tolist()]) @ query
+        return scores
+
+
+class Refinement:
+    """The query-time pipeline over one index: its stored OfA ``descriptors`` (N x dim, only read), ``whitening``,
+    N_c (``n_classes``), stored ``maps`` (None: built without them) and the ``backbone`` whose classifier weights
+    give the CAMs of any class."""
+
+    def __init__(
+        self,
+        descriptors: np.ndarray,
+        whitening: PCAWhitening | None,
+        n_classes: int,
+        maps: MapStore | None,
+        backbone: Backbone,
+    ) -> None:
+        self.descriptors = descriptors
+        self.whitening = whitening
+        self.n_classes = n_classes
+        self.maps = maps
+        self.backbone = backbone
+
+    def rank(
+        self, query: QueryDescription, options: SearchOptions | None = None, exclude: Sequence[int] = ()
+    ) -> Ranking:
+        """The whole database ranked for one query: OfA or OnA (:meth:`initial_ranking`), then re-ranking of the
+        top-R (:meth:`rerank`), then query expansion (:meth:`expand`), as ``options`` say. ``exclude``: database
+        indices left out of the ranking (e.g. the query's own image when the query is in the database)."""
+        options = options or SearchOptions()
+        ranking = self.initial_ranking(query, options, exclude)
+        if options.rerank:
+            ranking = self.rerank(query, ranking, options.rerank, options.rerank_classes)
+        if options.qe:
+            ranking = self.expand(ranking, options.qe, options.qe_alpha)
+        return ranking
+
+    def _order(self, scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        ids = np.flatnonzero(allowed)
+        return ids[np.argsort(-scores[ids].astype(np.float64), kind="stable")]
+
+    def _allowed(self, exclude: Sequence[int]) -> np.ndarray:
+        allowed = np.ones(len(self.descriptors), dtype=bool)
+        excluded = np.asarray(list(exclude), dtype=np.int64)
+        if excluded.size and (excluded.min() < 0 or excluded.max() >= len(self.descriptors)):
+            raise CamRetrievalError(f"excluded indices must be database indices (0..{len(self.descriptors) - 1})")
+        allowed[excluded] = False
+        return allowed
+
+    def initial_ranking(
+        self, query: QueryDescription, options: SearchOptions | None = None, exclude: Sequence[int] = ()
+    ) -> Ranking:
+        """OfA: the query's descriptor (its top N_c classes) against the stored descriptors. OnA (``options.online``):
+        the query's descriptor over its top-``online_classes`` classes against every database image aggregated
+        online with those classes (or only the top ``online_top`` of the OfA ranking, re-sorted; the rest keeps its
+        OfA order and scores)."""
+        options = options or SearchOptions()
+        allowed = self._allowed(exclude)
+        stored = self.descriptors.view()
+        stored.flags.writeable = False  # the ranking holds it: nothing downstream may write into the index
+        q_ofa = query.descriptor(self.n_classes, self.whitening)
+        if not options.online:
+            scores = stored @ q_ofa
+            ids = self._order(scores, allowed)
+            return Ranking(ids, scores[ids], stored, query=q_ofa)
+        store = require_maps(self.maps, "online aggregation")
+        n_online = options.online_n_classes(self.n_classes)
+        if query.classes is None:
+            raise CamRetrievalError("online aggregation needs the query's classes (pooling cam)")
+        classes, q_online = query.classes[:n_online], query.descriptor(n_online, self.whitening)
+        weight = self.backbone.classifier_weight
+        if options.online_top == 0:
+            base = online_descriptors(store, np.arange(len(self.descriptors)), classes, weight, self.whitening)
+            scores = base @ q_online
+            ids = self._order(scores, allowed)
+            return Ranking(ids, scores[ids], base, query=q_online)
+        first = stored @ q_ofa
+        ids = self._order(first, allowed)
+        top = ids[: min(options.online_top, len(ids))]
+        online = online_descriptors(store, top, classes, weight, self.whitening)
+        top_scores = online @ q_online
+        order = np.argsort(-top_scores.astype(np.float64), kind="stable")
+        ids = np.concatenate([top[order], ids[len(top) :]])
+        scores = np.concatenate([top_scores[order], first[ids[len(top) :]]])
+        return Ranking(ids, scores, stored, {int(i): d for i, d in zip(top, online)}, query=q_online)
+
+    def rerank(
+        self, query: QueryDescription, ranking: Ranking, top: int, n_classes: int = DEFAULT_RERANK_CLASSES
+    ) -> Ranking:
+        """Re-rank the first ``top`` (R, clipped to the ranking) with CAM regions (METHOD.md section 5, see
+        :mod:`camretrieval.search.reranking`): each candidate scored by its best region against the query's descriptor
+        over its top-``n_classes`` (N_re) classes; the rest keeps its order. Returns a new :class:`Ranking` whose
+        re-ranked images are described by their best region (for query expansion); the index is not modified."""
+        store = require_maps(self.maps, "re-ranking with CAM regions")
+        if query.classes is None:
+            raise CamRetrievalError("re-ranking needs the query's classes (pooling cam)")
+        top = min(top, len(ranking.ids))
+        if top == 0:
+            return ranking
+        backbone = self.backbone
+        strides = (backbone.layer_strides[backbone.feature_layer], backbone.layer_strides[backbone.cam_layer])
+        q_re = query.descriptor(n_classes, self.whitening)
+        candidates = ranking.ids[:top]
+        regions = region_scores(
+            store, candidates, query.classes[:n_classes], q_re, self.backbone.classifier_weight, self.whitening, strides
+        )
+        order = rerank_order(regions.scores)
+        overrides = dict(ranking.overrides) | {int(i): d for i, d in zip(candidates, regions.descriptors)}
+        return Ranking(
+            np.concatenate([candidates[order], ranking.ids[top:]]),
+            np.concatenate([regions.scores[order], ranking.scores[top:]]),
+            ranking.base,
+            overrides,
+            query=ranking.query,
+        )
+
+    def expand(self, ranking: Ranking, top: int, alpha: float = 0.0) -> Ranking:
+        """Query expansion (METHOD.md section 5, :mod:`camretrieval.search.expansion`): the ranking's query plus its first
+        ``top`` (K, clipped) results, each as the descriptor it was ranked with (a re-ranked image's best region),
+        weighted by similarity^``alpha`` (0: average QE); the database searched again with that query under the
+        same descriptors. Images left out of ``ranking`` stay out."""
+        if ranking.query is None:
+            raise CamRetrievalError("query expansion needs the ranking's query descriptor")
+        top = min(top, len(ranking.ids))
+        if top == 0:
+            return ranking
+        query = expanded_query(ranking.query, ranking.descriptors(ranking.ids[:top]), alpha)
+        scores = ranking.similarities(query)
+        allowed = np.zeros(len(self.descriptors), dtype=bool)
+        allowed[ranking.ids] = True
+        ids = self._order(scores, allowed)
+        return Ranking(ids, scores[ids], ranking.base, dict(ranking.overrides), query=query)
