@@ -80,7 +80,7 @@ def test_fixed_list_descriptor_is_the_listed_class_vectors_summed():
         assert got.classes[b].tolist() == listed  # every image the same classes, whatever its own scores
         vectors = reference_listed_class_vectors(maps.features[b].numpy(), maps.cam_activations[b].numpy(), weight.numpy(), listed)
         assert got.vectors[b].numpy() == pytest.approx(vectors, abs=1e-9)
-        expected = reference_descriptor(vectors, whitening.mean, whitening.components, whitening.eigenvalues)
+        expected = reference_descriptor(vectors, whitening.mean_, whitening.components_, whitening.eigenvalues_)
         assert descriptors[b].numpy() == pytest.approx(expected, abs=1e-9)
     # Asked for fewer classes (e.g. N_pca = 1 to learn the whitening): the list's first ones.
     first = class_weighted_vectors(maps, weight, bias, n_classes=1, class_list=listed)

@@ -37,7 +37,7 @@ def _reference(describer: Describer, path, box=None) -> np.ndarray:
     b = describer.backbone.classifier_bias.double().numpy()
     _, vectors = reference_class_vectors(X, A, W, b, describer.n_classes)
     w = describer.whitening
-    return reference_descriptor(vectors, w.mean, w.components, w.eigenvalues)
+    return reference_descriptor(vectors, w.mean_, w.components_, w.eigenvalues_)
 
 
 def test_real_photos_match_the_plain_reference(lite0, landmarks_dir, eth80_dir, random_whitening):

@@ -81,7 +81,7 @@ def test_aggregation_against_formula():
     vectors = torch.nn.functional.normalize(torch.randn(3, 5, 6, dtype=torch.float64), dim=-1)
     got = aggregate(vectors, whitening)
     for b in range(3):
-        expected = reference_descriptor(vectors[b].numpy(), whitening.mean, whitening.components, whitening.eigenvalues)
+        expected = reference_descriptor(vectors[b].numpy(), whitening.mean_, whitening.components_, whitening.eigenvalues_)
         assert got[b].tolist() == pytest.approx(expected.tolist(), abs=1e-9)
 
 
@@ -101,7 +101,7 @@ def test_whole_descriptor_against_reference_on_random_maps():
         )
         assert got.classes[b].tolist() == classes
         assert got.vectors[b].numpy() == pytest.approx(vectors, abs=1e-9)
-        expected = reference_descriptor(vectors, whitening.mean, whitening.components, whitening.eigenvalues)
+        expected = reference_descriptor(vectors, whitening.mean_, whitening.components_, whitening.eigenvalues_)
         assert descriptors[b].numpy() == pytest.approx(expected, abs=1e-9)
 
 

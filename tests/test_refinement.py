@@ -121,11 +121,11 @@ def test_online_aggregation_equals_its_definition(tiny, index):
     worst_float32 = 0.0
     for i, path in enumerate(index.paths):
         stored = index.maps.features.image(i).astype(np.float64).transpose(2, 0, 1)
-        plain16 = reference_descriptor(_plain_class_vectors(stored, stored, W, classes), w.mean, w.components, w.eigenvalues)
+        plain16 = reference_descriptor(_plain_class_vectors(stored, stored, W, classes), w.mean_, w.components_, w.eigenvalues_)
         assert online[i] == pytest.approx(plain16, abs=1e-5)
         X, _ = _maps_of(index, database / path)
         X = X.astype(np.float64)
-        plain32 = reference_descriptor(_plain_class_vectors(X, X, W, classes), w.mean, w.components, w.eigenvalues)
+        plain32 = reference_descriptor(_plain_class_vectors(X, X, W, classes), w.mean_, w.components_, w.eigenvalues_)
         worst_float32 = max(worst_float32, float(np.abs(online[i] - plain32).max()))
     # Storing float16 maps moves lite0's OnA descriptors by ~1e-6 here (1.7e-5 at 448 px on clutter-dev, scores by
     # 8e-6): 95% of its head activations are exactly 0 or 6 (ReLU6), which float16 holds exactly. Backbones with
@@ -177,7 +177,7 @@ def test_batched_regions_equal_cropping_and_the_plain_definition(tiny, index):
     col1, row1, col2, row2 = batched.boxes[i]
     cells = index.maps.features.image(int(candidates[i])).astype(np.float64)[row1:row2, col1:col2].transpose(2, 0, 1)
     vectors = _plain_class_vectors(cells, cells, weight.double().numpy(), classes.tolist())
-    plain = reference_descriptor(vectors, w.mean, w.components, w.eigenvalues)
+    plain = reference_descriptor(vectors, w.mean_, w.components_, w.eigenvalues_)
     assert batched.descriptors[i] == pytest.approx(plain, abs=1e-5)
     assert batched.scores[i] == pytest.approx(float(plain @ q_re), abs=1e-5)
     maps = torch.from_numpy(index.maps.features.image(int(candidates[i])).astype(np.float32))

@@ -23,7 +23,7 @@ from PIL import Image
 from camretrieval.cli import main
 from camretrieval.evaluation.metrics import mean_interpolated_precision, precision_recall
 from camretrieval.search import Index, SearchOptions
-from camretrieval.web.server import MAX_UPLOAD_BYTES, RequestError, decode_upload
+from camretrieval.web.files import MAX_UPLOAD_BYTES, RequestError, decode_upload
 
 SIZE = 128
 OBJECTS = ("apple2", "cup2", "horse2")

@@ -27,11 +27,11 @@ def test_whitening_matches_svd_and_has_identity_covariance(training):
     signs = np.sign((whitened * expected).sum(axis=0))
     assert whitened == pytest.approx(expected * signs, abs=1e-8)
     assert np.cov(whitened, rowvar=False) == pytest.approx(np.eye(6), abs=1e-8)
-    assert whitening.eigenvalues == pytest.approx(s[:6] ** 2 / (len(training) - 1))
+    assert whitening.eigenvalues_ == pytest.approx(s[:6] ** 2 / (len(training) - 1))
 
 
 def test_dim_is_capped_at_input_channels(training):
-    assert PCAWhitening(dim=512).fit(training).dim == 10
+    assert PCAWhitening(dim=512).fit(training).dim_ == 10
 
 
 def test_too_few_vectors_is_a_clear_error():

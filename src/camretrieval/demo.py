@@ -92,7 +92,7 @@ def run_demo(workdir: Path | None = None, size: int = DEFAULT_SIZE, top: int = 5
             Describer(backbone, size=size), find_images(whitening_dir), whitening_dir, dim=PCA_DIM, progress=False
         )
         whitening.save(workdir / "pca.npz")
-        print(f"learned {whitening.input_dim} -> {whitening.dim} PCA-whitening on {PCA_CROPS} crops of the distractors")
+        print(f"learned {whitening.input_dim} -> {whitening.dim_} PCA-whitening on {PCA_CROPS} crops of the distractors")
 
         index, _ = Index.build(database, whitening, size=size, progress=False, index_dir=workdir / "index")
         print(f"indexed {len(index)} images with efficientnet_lite0, 64 CAMs, size {size}\n")

@@ -185,7 +185,7 @@ def evaluate_variants(
             raise CamRetrievalError(f"variant {variant.name} needs a PCA-whitening for pooling {variant.pooling}")
         if whitening is not None:
             check_whitening(whitening, dataclasses.replace(describer.settings, pooling=variant.pooling))
-        dim = whitening.dim if whitening is not None else _channels(pooled[variant.pooling])
+        dim = whitening.dim_ if whitening is not None else _channels(pooled[variant.pooling])
         started = time.perf_counter()
         database = _descriptors(pooled[variant.pooling], variant, whitening, dim)
         if own_queries:

@@ -25,19 +25,29 @@ class PCAWhitening:
 
     ``settings`` records how the training vectors were extracted (backbone, layer, image size, ...), so that the
     whitening is not applied to descriptors of another kind.
+
+    As a scikit-learn estimator, it keeps its parameters (``dim``: the dimensions asked for, ``settings``) as given,
+    and what :meth:`fit` learns in attributes ending in ``_``: ``mean_`` (K), ``components_`` (dim_ x K, the
+    principal axes) and ``eigenvalues_`` (dim_); ``dim_``, the output dimension, is ``dim`` capped at K.
     """
 
     def __init__(self, dim: int = 512, settings: dict | None = None) -> None:
         self.dim = dim
         self.settings = dict(settings or {})
-        self.mean: np.ndarray | None = None
-        self.components: np.ndarray | None = None
-        self.eigenvalues: np.ndarray | None = None
+        self.mean_: np.ndarray | None = None
+        self.components_: np.ndarray | None = None
+        self.eigenvalues_: np.ndarray | None = None
 
     @property
     def input_dim(self) -> int:
         self._check_fitted()
-        return self.mean.shape[0]
+        return self.mean_.shape[0]
+
+    @property
+    def dim_(self) -> int:
+        """The output dimension of the fitted whitening."""
+        self._check_fitted()
+        return len(self.eigenvalues_)
 
     def fit(self, vectors: np.ndarray) -> "PCAWhitening":
         """Learn the whitening from training vectors (N x K): the top class vectors of a separate collection."""
@@ -49,8 +59,8 @@ class PCAWhitening:
                 f"PCA-whitening to {dim} dimensions needs more than {dim} training vectors, got {n_vectors}: "
                 "add images, take more class vectors per image (--npca), or lower --dim"
             )
-        self.mean = vectors.mean(axis=0)
-        centred = vectors - self.mean
+        mean = vectors.mean(axis=0)
+        centred = vectors - mean
         covariance = centred.T @ centred / (n_vectors - 1)
         eigenvalues, eigenvectors = np.linalg.eigh(covariance)
         order = np.argsort(eigenvalues)[::-1][:dim]
@@ -58,12 +68,10 @@ class PCAWhitening:
             raise CamRetrievalError(
                 f"the training vectors span fewer than {dim} dimensions: add varied images or lower --dim"
             )
-        self.eigenvalues = eigenvalues[order]
         # Fix each eigenvector's sign (largest entry positive) so that refitting on the same data gives the same file.
         components = eigenvectors[:, order].T
         signs = np.sign(components[np.arange(dim), np.abs(components).argmax(axis=1)])
-        self.components = components * signs[:, None]
-        self.dim = dim
+        self.mean_, self.components_, self.eigenvalues_ = mean, components * signs[:, None], eigenvalues[order]
         return self
 
     def same_as(self, other: "PCAWhitening") -> bool:
@@ -72,7 +80,9 @@ class PCAWhitening:
         other._check_fitted()
         return all(
             np.array_equal(mine, theirs)
-            for mine, theirs in [(self.mean, other.mean), (self.components, other.components), (self.eigenvalues, other.eigenvalues)]
+            for mine, theirs in [
+                (self.mean_, other.mean_), (self.components_, other.components_), (self.eigenvalues_, other.eigenvalues_)
+            ]
         )
 
     def transform(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -83,8 +93,8 @@ class PCAWhitening:
                 f"PCA-whitening expects {self.input_dim}-d vectors, got {vectors.shape[-1]}-d ones: "
                 "it was learned for another backbone or layer"
             )
-        projection = torch.as_tensor(self.components / np.sqrt(self.eigenvalues)[:, None], dtype=vectors.dtype)
-        mean = torch.as_tensor(self.mean, dtype=vectors.dtype)
+        projection = torch.as_tensor(self.components_ / np.sqrt(self.eigenvalues_)[:, None], dtype=vectors.dtype)
+        mean = torch.as_tensor(self.mean_, dtype=vectors.dtype)
         return (vectors - mean.to(vectors.device)) @ projection.to(vectors.device).T
 
     def save(self, file: str | Path | BinaryIO) -> None:
@@ -93,13 +103,13 @@ class PCAWhitening:
         if isinstance(file, (str, Path)):
             with open(file, "wb") as opened:  # an open file keeps NumPy from appending '.npz' to the user's path
                 return self.save(opened)
-        header = {"format": FORMAT, "version": FORMAT_VERSION, "dim": self.dim, "settings": self.settings}
+        header = {"format": FORMAT, "version": FORMAT_VERSION, "dim": self.dim_, "settings": self.settings}
         np.savez(
             file,
             header=np.array(json.dumps(header)),
-            mean=self.mean,
-            components=self.components,
-            eigenvalues=self.eigenvalues,
+            mean=self.mean_,
+            components=self.components_,
+            eigenvalues=self.eigenvalues_,
         )
 
     @classmethod
@@ -123,9 +133,9 @@ class PCAWhitening:
                 "learn it again with camretrieval fit-pca"
             )
         whitening = cls(dim=header["dim"], settings=header["settings"])
-        whitening.mean, whitening.components, whitening.eigenvalues = mean, components, eigenvalues
+        whitening.mean_, whitening.components_, whitening.eigenvalues_ = mean, components, eigenvalues
         return whitening
 
     def _check_fitted(self) -> None:
-        if self.mean is None:
+        if self.mean_ is None:
             raise RuntimeError("PCAWhitening is not fitted: call fit() or load() first")

@@ -52,6 +52,6 @@ def online_descriptors(
             out = np.empty((len(images), descriptors.shape[1]), dtype=np.float32)
         out[[position[int(i)] for i in group]] = descriptors.float().cpu().numpy()
     if out is None:
-        dim = whitening.dim if whitening is not None else store.features.channels
+        dim = whitening.dim_ if whitening is not None else store.features.channels
         return np.zeros((0, dim), dtype=np.float32)
     return out

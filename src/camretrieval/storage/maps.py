@@ -32,8 +32,6 @@ Size: 2 bytes x K x cells per image, e.g. 681 kB for a 4:3 image at 448 px with 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -269,64 +267,18 @@ class MapStore:
             )
         return store
 
-    def save(self, directory: str | Path, move: bool = False) -> None:
-        """Write this store's files into ``directory`` (a new shard folder). ``move``: the cells are a spool of
-        :class:`MapStoreWriter` that may be moved rather than copied. Maps gathered from several shards are written
-        out image by image into one file."""
-        directory = Path(directory)
-        for layer, maps in zip(LAYERS, (self.features, self.cam_activations)):
-            if maps is None:
-                continue
-            cells_name, table_name, positives_name = maps_file_names(layer)
-            target = directory / cells_name
-            (cells,) = maps.parts if len(maps.parts) == 1 else (None,)
-            table = maps.table
-            if isinstance(cells, np.memmap) and cells.filename:
-                if move:
-                    try:
-                        os.replace(cells.filename, target)
-                    except OSError:  # another file system: copy instead
-                        shutil.copyfile(cells.filename, target)
-                else:
-                    shutil.copyfile(cells.filename, target)
-            elif cells is not None:
-                write_atomically(target, lambda f, a=cells: np.save(f, np.ascontiguousarray(a, dtype=MAPS_DTYPE)))
-            else:
-                table = self._write_compacted(maps, target)
-            write_atomically(directory / table_name, lambda f, t=table: np.save(f, t))
-            write_atomically(directory / positives_name, lambda f, p=maps.positives: np.save(f, p))
-
-    @staticmethod
-    def _write_compacted(maps: RaggedMaps, target: Path) -> np.ndarray:
-        """Write the images' cells one after the other into one ``.npy`` file; returns the new table."""
-        sizes = maps.table[:, 1] * maps.table[:, 2]
-        table = np.stack([np.concatenate([[0], np.cumsum(sizes)[:-1]]), maps.table[:, 1], maps.table[:, 2]], axis=1)
-
-        def write(file) -> None:
-            file.write(_npy_header((int(sizes.sum()), maps.channels)))
-            for image, size in enumerate(sizes.tolist()):
-                file.write(np.ascontiguousarray(maps._cells(image, size), dtype=MAPS_DTYPE).tobytes())
-
-        write_atomically(target, write)
-        return table.astype(np.int64)
-
 
 class MapStoreWriter:
-    """Streams the maps of images into spool files as they are extracted (an index of many images does not fit in
-    memory), in any order; :meth:`finish` puts the table in descriptor order and returns the :class:`MapStore`.
+    """Streams the maps of images into the files of a shard folder as they are extracted (an index of many images
+    does not fit in memory), in any order; :meth:`finish` completes the files, the table in descriptor order, and
+    returns the :class:`MapStore` that reads them.
 
-    >>> writer = MapStoreWriter(n_images=len(paths), separate_cam_layer=False)
+    >>> writer = MapStoreWriter(n_images=len(paths), separate_cam_layer=False, directory=shard_folder)
     >>> writer.add(image_index, maps.features[i], None)   # K x H x W tensors, as the backbone returns them
     >>> store = writer.finish(order=done)                  # the image indices kept, in descriptor order
     """
 
-    def __init__(self, n_images: int, separate_cam_layer: bool, directory: str | Path | None = None) -> None:
-        if directory is None:
-            self._temporary = tempfile.TemporaryDirectory(prefix="camretrieval-maps-")
-            directory = self._temporary.name
-        else:
-            self._temporary = None
-            Path(directory).mkdir(parents=True, exist_ok=True)
+    def __init__(self, n_images: int, separate_cam_layer: bool, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.layers = LAYERS[: 2 if separate_cam_layer else 1]
         self._files = {}
@@ -362,7 +314,8 @@ class MapStoreWriter:
             self._rows[layer] += height * width
 
     def finish(self, order: Sequence[int]) -> MapStore:
-        """Complete the spool files; the store's image i is image ``order[i]`` of the calls to :meth:`add`."""
+        """Complete the files (the cells' header, the table and the positive counts, each written durably); the
+        store's image i is image ``order[i]`` of the calls to :meth:`add`."""
         order = np.asarray(order, dtype=np.int64)
         layers = []
         for layer in self.layers:
@@ -378,11 +331,13 @@ class MapStoreWriter:
                 raise CamRetrievalError("finish() was given an image whose maps were never added")
             positives = self._positives[layer]
             positives = positives[order] if positives is not None else np.zeros((len(order), channels), np.int32)
-            path = self.directory / (maps_file_names(layer)[0] + ".spool")
-            layers.append(RaggedMaps(np.load(path, mmap_mode="r", allow_pickle=False), table, positives))
-        store = MapStore(layers[0], layers[1] if len(layers) > 1 else None, self.directory)
-        store._spool = self  # keeps a temporary spool folder alive as long as the store that reads it
-        return store
+            cells_name, table_name, positives_name = maps_file_names(layer)
+            os.replace(self.directory / (cells_name + ".spool"), self.directory / cells_name)
+            write_atomically(self.directory / table_name, lambda f, t=table: np.save(f, t))
+            write_atomically(self.directory / positives_name, lambda f, p=positives: np.save(f, p))
+            cells = np.load(self.directory / cells_name, mmap_mode="r", allow_pickle=False)
+            layers.append(RaggedMaps(cells, table, positives))
+        return MapStore(layers[0], layers[1] if len(layers) > 1 else None, self.directory)
 
     def abort(self) -> None:
         for layer, file in self._files.items():

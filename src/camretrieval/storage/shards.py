@@ -75,7 +75,7 @@ class ShardWriter:
         """Write the descriptors, complete the maps, and make the folder a shard. Returns (path, state, row)."""
         np.save(self.folder / DESCRIPTORS, np.stack(self.descriptors).astype(np.float32))
         if self.maps is not None:
-            self.maps.finish(range(len(self.entries))).save(self.folder, move=True)
+            self.maps.finish(range(len(self.entries)))
         publish_shard(self.directory, self.name, self.folder)
         return [(path, state, row) for row, (path, state) in enumerate(self.entries)]
 
