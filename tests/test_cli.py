@@ -67,8 +67,9 @@ def test_search_json_is_exactly_the_documented_shape(collection):
     result = camretrieval("search", str(index_dir), query, "--top", "5", "--json")
     assert result.returncode == 0, result.stderr
     output = json.loads(result.stdout)
-    assert [sorted(entry) for entry in output] == [["query", "results"]]
+    assert [sorted(entry) for entry in output] == [["query", "results", "root"]]
     assert output[0]["query"] == query
+    assert output[0]["root"] == str(database.resolve())  # the folder the result paths are relative to
     hits = output[0]["results"]
     assert len(hits) == 5 and all(sorted(hit) == ["path", "score"] for hit in hits)
     assert hits[0]["path"] == "cup2/CUP2-000-000.JPG" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
@@ -219,10 +220,11 @@ def test_tables_command_gives_every_row_of_tables_1a_1b_2(collection, tmp_path):
     output = tmp_path / "tables.md"
     result = camretrieval(
         "tables", "--images", str(images), "--pca-images", str(pca_images), "--size", str(SIZE), "--dim", "16",
-        "--compare-backbones", "efficientnet_lite0", "resnet50", "--output", str(output), "--quiet",
+        "--npca", "2", "--compare-backbones", "efficientnet_lite0", "resnet50", "--output", str(output), "--quiet",
     )
     assert result.returncode == 0, result.stderr
     text = output.read_text()
+    assert "PCA-whitening (16-d, N_pca = 2)" in text
     for row in ["Raw", "Raw + CroW", "Raw + PCA", "Raw + CroW + PCA", "64 CAMs (OfA)", "N_c = 1", "N_c = 8", "N_c = 32",
                 "N_c = 64", "MAC + PCA", "GeM (p=3) + PCA", "R-MAC", "CroW + PCA", "efficientnet_lite0: Raw"]:
         assert f"| {row} | " in text, row

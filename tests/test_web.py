@@ -3,10 +3,13 @@ browser, ``camretrieval explain`` and ``camretrieval eval --report``. Small imag
 
 from __future__ import annotations
 
+import base64
+import csv
 import http.client
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -22,6 +25,7 @@ from PIL import Image
 
 from camretrieval.cli import main
 from camretrieval.evaluation.metrics import mean_interpolated_precision, precision_recall
+from camretrieval.evaluation.report import draw_outlined_box, metric_name
 from camretrieval.search import Index, SearchOptions
 from camretrieval.web.files import MAX_UPLOAD_BYTES, RequestError, decode_upload
 
@@ -157,6 +161,8 @@ def test_page_openapi_and_info(server):
     info = json.loads(info)
     assert info["count"] == 13 and info["settings"]["size"] == SIZE
     assert info["refinement"] == {"online": True, "rerank": True, "qe": True}
+    # What the page needs to warn about a box smaller than one feature cell (efficientnet_lite0: stride 32).
+    assert info["network"] == {"input_size": SIZE, "stride": 32}
     status, _, listing = request("GET", server + "/api/images?q=CUP&limit=2&offset=1")
     listing = json.loads(listing)
     assert listing["total"] == 4 and len(listing["paths"]) == 2 and all(p.startswith("cup2/") for p in listing["paths"])
@@ -170,8 +176,11 @@ def test_search_by_path_and_upload_is_the_cli_search(server, collection):
     expected = index.search([query], top=5)[0]
     status, by_path = search(server, {"path": relative, "top": "5"})
     assert status == 200
-    assert [sorted(entry) for entry in by_path] == [["box", "query", "query_id", "results", "seconds"]]
+    assert [sorted(entry) for entry in by_path] == [["box", "query", "query_id", "refinement", "results", "seconds"]]
     assert by_path[0]["query"] == relative and by_path[0]["query_id"] is None
+    assert by_path[0]["refinement"] == {
+        "online": False, "rerank": 0, "rerank_classes": SearchOptions().rerank_classes, "qe": 0, "qe_alpha": 0.0
+    }
     hits = by_path[0]["results"]
     assert all(sorted(hit) == ["path", "score"] for hit in hits)
     assert [h["path"] for h in hits] == [h.path for h in expected]
@@ -199,6 +208,13 @@ def test_search_options_are_the_index_options(server, collection):
     assert status == 200
     assert [h["path"] for h in result[0]["results"]] == [h.path for h in expected]
     assert [h["score"] for h in result[0]["results"]] == pytest.approx([h.score for h in expected], abs=1e-4)
+    assert result[0]["refinement"] == {"online": True, "rerank": 5, "rerank_classes": 6, "qe": 2, "qe_alpha": 0.0}
+    # R and K past the index's 13 images are clipped to it, and the answer says what was applied.
+    status, result = search(
+        server, {"path": query.relative_to(images).as_posix(), "top": "3", "rerank": "100", "qe": "50", "qe_alpha": "3"}
+    )
+    assert status == 200
+    assert result[0]["refinement"] == {"online": False, "rerank": 13, "rerank_classes": 6, "qe": 13, "qe_alpha": 3.0}
 
 
 def test_explain_gives_classes_region_and_png_overlays(server, collection):
@@ -221,6 +237,36 @@ def test_explain_gives_classes_region_and_png_overlays(server, collection):
         status, headers, png = request("GET", server + explanation["overlays"][side])
         assert status == 200 and headers["content-type"] == "image/png" and png.startswith(b"\x89PNG")
         assert Image.open(io.BytesIO(png)).size[0] >= 256
+
+
+_URL = re.compile(rb"https?://", re.IGNORECASE)
+
+
+def test_api_docs_are_served_with_nothing_from_another_host(server):
+    """/docs is our own page over /openapi.json: it and every file it loads hold no http(s):// URL (FastAPI's Swagger
+    UI, which loads its scripts from a CDN, and ReDoc are off)."""
+    status, headers, page = request("GET", server + "/docs")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert b"swagger" not in page.lower() and b"cdn" not in page.lower()
+    assets = re.findall(rb'(?:src|href)="([^"#]+)"', page)
+    assert b"/static/api.js" in assets and b"/static/style.css" in assets
+    served = {"/docs": page}
+    for asset in assets:
+        assert asset.startswith(b"/"), asset  # same host: every reference is a path on this server
+        status, _, body = request("GET", server + asset.decode())
+        assert status == 200, asset
+        served[asset.decode()] = body
+    assert b'fetch("/openapi.json")' in served["/static/api.js"]
+    for name, body in served.items():
+        assert not _URL.search(body), (name, _URL.search(body))
+    # The description it renders: every path, and no URL to another host in it either.
+    status, _, spec = request("GET", server + "/openapi.json")
+    assert status == 200 and not _URL.search(spec)
+    assert "/docs" not in json.loads(spec)["paths"]
+    for gone in ("/redoc", "/docs/oauth2-redirect"):
+        assert request("GET", server + gone)[0] == 404
+    # The search page links to it.
+    assert b'href="/docs"' in request("GET", server + "/")[2]
 
 
 def test_images_and_thumbnails_are_served(server, collection):
@@ -358,12 +404,12 @@ def chromium() -> tuple[object, str]:
     missing("no Chromium installed (Debian: apt-get install chromium; .ci/run installs it when root)")
 
 
-def test_page_in_headless_chromium(chromium, server, collection):
+@pytest.fixture(scope="module")
+def browser(chromium):
+    """One headless Chromium for the page tests of this module."""
     sync_api, executable = chromium
-    _, images, _ = collection
-    screenshots = os.environ.get("CAMRETRIEVAL_SCREENSHOTS")  # a folder: save the page as docs/web.md shows it
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
+        launched = playwright.chromium.launch(
             executable_path=executable,
             # As root (CI) Chromium needs --no-sandbox; the rest keeps it off a network that is not there.
             args=[
@@ -376,51 +422,267 @@ def test_page_in_headless_chromium(chromium, server, collection):
             ],
         )
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 860})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(server + "/")
-            page.wait_for_function("document.getElementById('index-info').textContent.includes('13 images')")
-            page.set_input_files("#file-input", str(first_image(images, "horse2")))
-            page.wait_for_function("!document.getElementById('search-button').disabled")
-            box = page.locator("#query-canvas").bounding_box()
-            page.mouse.move(box["x"] + 0.15 * box["width"], box["y"] + 0.2 * box["height"])
-            page.mouse.down()
-            page.mouse.move(box["x"] + 0.85 * box["width"], box["y"] + 0.8 * box["height"], steps=8)
-            page.mouse.up()
-            assert page.inner_text("#box-info").startswith("Box: ")
-            page.fill("#top", "6")
-            page.click("#search-button")
-            page.wait_for_selector("#results[data-state=done]", timeout=60_000)
-            hits = page.locator("#results .hit")
-            assert hits.count() == 6
-            # Every thumbnail loads, but escape.jpg's (a symlink out of the image root: refused, shown as unavailable).
-            page.wait_for_function(
-                "[...document.querySelectorAll('#results .hit')].every(h => h.dataset.path === 'escape.jpg' "
-                "? h.classList.contains('unavailable') : h.querySelector('img').complete "
-                "&& h.querySelector('img').naturalWidth > 0)"
-            )
-            scores = [float(s) for s in page.locator("#results .hit .score").all_inner_texts()]
-            assert (
-                len(scores) == 6 and scores == sorted(scores, reverse=True) and all(-1 <= s <= 1.0001 for s in scores)
-            )
-            assert page.locator("#results .hit .path").first.inner_text().startswith("horse2/")
-            if screenshots:
-                Path(screenshots).mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(Path(screenshots) / "web_search.png"))
-            hits.first.click()
-            page.wait_for_selector("#explain[data-state=done]", timeout=60_000)
-            page.wait_for_function(
-                "['explain-query', 'explain-result'].every(id => document.getElementById(id).complete "
-                "&& document.getElementById(id).naturalWidth > 0)"
-            )
-            assert page.locator("#explain-classes li").count() == 5
-            assert "Region that matched" in page.inner_text("#explain-region")
-            if screenshots:
-                page.screenshot(path=str(Path(screenshots) / "web_explain.png"))
-            assert not errors, errors
+            yield launched
         finally:
-            browser.close()
+            launched.close()
+
+
+def _open_page(browser, server: str, width: int = 1280, height: int = 860, path: str = "/"):
+    """A page of the server in a fresh context (downloads accepted), its script errors collected in ``page.errors``."""
+    context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.goto(server + path)
+    if path == "/":
+        page.wait_for_function("document.getElementById('index-info').textContent.includes('13 images')")
+    return page
+
+
+def _drag_box(page, left: float, top: float, right: float, bottom: float) -> None:
+    """Drag with the mouse on the query canvas, from and to fractions of its size."""
+    box = page.locator("#query-canvas").bounding_box()
+    page.mouse.move(box["x"] + left * box["width"], box["y"] + top * box["height"])
+    page.mouse.down()
+    page.mouse.move(box["x"] + right * box["width"], box["y"] + bottom * box["height"], steps=8)
+    page.mouse.up()
+
+
+def _search_and_wait(page) -> None:
+    page.click("#search-button")
+    page.wait_for_selector("#results[data-state=done]", timeout=60_000)
+    # Every thumbnail loads, but escape.jpg's (a symlink out of the image root: refused, shown as unavailable).
+    page.wait_for_function(
+        "[...document.querySelectorAll('#results .hit')].every(h => h.dataset.path === 'escape.jpg' "
+        "? h.classList.contains('unavailable') : h.querySelector('img').complete "
+        "&& h.querySelector('img').naturalWidth > 0 && !h.classList.contains('loading'))"
+    )
+
+
+def _screenshot(page, name: str) -> None:
+    folder = os.environ.get("CAMRETRIEVAL_SCREENSHOTS")  # a folder: save the page as docs/web.md shows it
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / name))
+
+
+def test_page_in_headless_chromium(browser, server, collection):
+    _, images, _ = collection
+    query = first_image(images, "horse2")
+    page = _open_page(browser, server)
+    page.set_input_files("#file-input", str(query))
+    page.wait_for_function("!document.getElementById('search-button').disabled")
+    # A box smaller than one feature cell: the query (256 px) is seen at 128 px, one cell per 32 px = 64 query px.
+    _drag_box(page, 0.40, 0.40, 0.55, 0.60)
+    assert page.inner_text("#box-info").startswith("Box: ")
+    warning = page.locator("#box-warning")
+    assert warning.is_visible() and "smaller than one feature cell (64 × 64 px" in warning.inner_text()
+    _drag_box(page, 0.15, 0.2, 0.85, 0.8)
+    assert page.inner_text("#box-info").startswith("Box: ") and not warning.is_visible()
+    page.fill("#top", "6")
+    page.check("#online")
+    page.fill("#rerank", "4")
+    # Thumbnails held back: each tile shows its animated placeholder until its image comes.
+    held = []
+    page.route("**/api/thumbnails/**", lambda route: held.append(route))
+    page.click("#search-button")
+    page.wait_for_selector("#results[data-state=done]", timeout=60_000)
+    hits = page.locator("#results .hit")
+    assert hits.count() == 6
+    page.wait_for_function("document.querySelectorAll('#results .hit.loading').length === 6")
+    animation = page.evaluate("getComputedStyle(document.querySelector('#results .hit .thumb')).animationName")
+    assert animation == "placeholder-shimmer"
+    for route in held:
+        route.continue_()
+    page.unroute("**/api/thumbnails/**")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#results .hit')].every(h => h.dataset.path === 'escape.jpg' "
+        "? h.classList.contains('unavailable') : h.querySelector('img').complete "
+        "&& h.querySelector('img').naturalWidth > 0 && !h.classList.contains('loading'))"
+    )
+    scores = [float(s) for s in page.locator("#results .hit .score").all_inner_texts()]
+    assert len(scores) == 6 and scores == sorted(scores, reverse=True) and all(-1 <= s <= 1.0001 for s in scores)
+    assert page.locator("#results .hit .path").first.inner_text().startswith("horse2/")
+    # The refinement the server applied, shown with the results.
+    used = page.inner_text("#results-refinement")
+    assert "online aggregation (OnA)" in used and "re-ranked the top 4" in used and "query expansion" not in used
+    _screenshot(page, "web_search.png")
+
+    # Export: the JSON is the API's answer to the same search; the CSV holds the same rows.
+    with page.expect_download() as download:
+        page.click("#export-json")
+    assert download.value.suggested_filename == f"camretrieval-{query.stem}.json"
+    exported = json.loads(Path(download.value.path()).read_text())
+    [entry] = exported
+    assert sorted(entry) == ["box", "query", "refinement", "results"] and entry["query"] == query.name
+    assert entry["refinement"]["online"] is True and entry["refinement"]["rerank"] == 4
+    status, answer = search(
+        server,
+        {"top": "6", "box": ",".join(map(str, entry["box"])), "online": "true", "rerank": "4", "qe": "0"},
+        {"file": (query.name, query.read_bytes())},
+    )
+    assert status == 200 and [h["path"] for h in entry["results"]] == [h["path"] for h in answer[0]["results"]]
+    assert [h["score"] for h in entry["results"]] == pytest.approx([h["score"] for h in answer[0]["results"]], abs=1e-6)
+    assert [h["path"] for h in entry["results"]] == hits.evaluate_all("hs => hs.map(h => h.dataset.path)")
+    with page.expect_download() as download:
+        page.click("#export-csv")
+    assert download.value.suggested_filename == f"camretrieval-{query.stem}.csv"
+    rows = list(csv.reader(io.StringIO(Path(download.value.path()).read_text(), newline="")))
+    assert rows[0] == ["query", "box", "rank", "path", "score"] and len(rows) == 7
+    for rank, (row, hit) in enumerate(zip(rows[1:], entry["results"]), start=1):
+        assert row[:4] == [query.name, " ".join(map(str, entry["box"])), str(rank), hit["path"]]
+        assert float(row[4]) == hit["score"]
+
+    hits.first.click()
+    page.wait_for_selector("#explain[data-state=done]", timeout=60_000)
+    page.wait_for_function(
+        "['explain-query', 'explain-result'].every(id => document.getElementById(id).complete "
+        "&& document.getElementById(id).naturalWidth > 0)"
+    )
+    assert page.locator("#explain-classes li").count() == 5
+    assert "Region that matched" in page.inner_text("#explain-region")
+    _screenshot(page, "web_explain.png")
+    assert not page.errors, page.errors
+    page.context.close()
+
+
+def _transfer(page, files: list[tuple[str, bytes, str]], data: dict[str, str] | None = None):
+    """A DataTransfer in the page holding these files (name, bytes, type) and these strings (type: value)."""
+    encoded = [[name, base64.b64encode(content).decode(), kind] for name, content, kind in files]
+    return page.evaluate_handle(
+        """([files, data]) => {
+            const transfer = new DataTransfer();
+            for (const [name, encoded, type] of files) {
+                const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+                transfer.items.add(new File([bytes], name, { type }));
+            }
+            for (const [type, value] of Object.entries(data)) transfer.setData(type, value);
+            return transfer;
+        }""",
+        [encoded, data or {}],
+    )
+
+
+def _search_result_entry(page) -> dict:
+    """The search the page last made, as its JSON export holds it."""
+    with page.expect_download() as download:
+        page.click("#export-json")
+    return json.loads(Path(download.value.path()).read_text())[0]
+
+
+def test_page_takes_a_dropped_or_pasted_query(browser, server, collection):
+    _, images, _ = collection
+    dropped = first_image(images, "cup2")
+    page = _open_page(browser, server)
+    transfer = _transfer(page, [(dropped.name, dropped.read_bytes(), "image/jpeg")])
+    page.dispatch_event("#query-panel", "dragenter", {"dataTransfer": transfer})
+    assert "drop-target" in page.get_attribute("#query-panel", "class")  # the panel shows where the file goes
+    page.dispatch_event("#query-canvas", "drop", {"dataTransfer": transfer})
+    assert "drop-target" not in (page.get_attribute("#query-panel", "class") or "")
+    page.wait_for_function("!document.getElementById('search-button').disabled")
+    assert page.inner_text("#status") == f"query: {dropped.name} (dropped)"
+    page.fill("#top", "4")
+    _search_and_wait(page)
+    entry = _search_result_entry(page)
+    status, answer = search(server, {"top": "4"}, {"file": (dropped.name, dropped.read_bytes())})
+    assert entry["query"] == dropped.name
+    assert [h["path"] for h in entry["results"]] == [h["path"] for h in answer[0]["results"]]
+    assert entry["results"][0]["path"] == dropped.relative_to(images).as_posix()  # itself, first
+
+    # Something that is no image is refused with a sentence, and the query stays.
+    page.dispatch_event("#query-panel", "drop", {"dataTransfer": _transfer(page, [("notes.txt", b"hello", "text/plain")])})
+    assert "notes.txt is not an image" in page.inner_text("#status")
+
+    # Paste: a screenshot on the clipboard comes as "image.png"; it is searched as "pasted.png".
+    pasted = first_image(images, "horse2")
+    png = io.BytesIO()
+    Image.open(pasted).save(png, "PNG")
+    page.evaluate(
+        """(transfer) => document.body.dispatchEvent(
+            new ClipboardEvent("paste", { clipboardData: transfer, bubbles: true, cancelable: true }))""",
+        _transfer(page, [("image.png", png.getvalue(), "image/png")]),
+    )
+    page.wait_for_function("document.getElementById('status').textContent === 'query: pasted.png (pasted)'")
+    page.wait_for_function("!document.getElementById('search-button').disabled")
+    _search_and_wait(page)
+    entry = _search_result_entry(page)
+    assert entry["query"] == "pasted.png" and entry["results"][0]["path"].startswith("horse2/")
+
+    # A result's thumbnail dragged onto the query: that indexed image becomes the query, searched by its path.
+    path = page.locator("#results .hit").nth(1).get_attribute("data-path")
+    page.dispatch_event(
+        "#query-panel", "drop", {"dataTransfer": _transfer(page, [], {"application/x-camretrieval-path": path})}
+    )
+    page.wait_for_function(f"document.getElementById('status').textContent === {json.dumps('query: ' + path)}")
+    page.wait_for_function("!document.getElementById('search-button').disabled")
+    _search_and_wait(page)
+    assert _search_result_entry(page)["query"] == path
+    assert not page.errors, page.errors
+    page.context.close()
+
+
+_OVERFLOW = "document.documentElement.scrollWidth <= innerWidth"
+# Elements that stick out past the window's right edge (not counting those inside a box that scrolls sideways).
+_OVERFLOWING = """[...document.querySelectorAll('body *')].filter((e) => e.getBoundingClientRect().right > innerWidth + 0.5
+    && e.getClientRects().length && !e.closest('.table-wrap')).map((e) => e.tagName + '#' + e.id + '.' + e.className)"""
+
+
+def test_page_fits_a_phone(browser, server, collection):
+    """At a phone's width (360 px) nothing overflows sideways: the page, its results, an explanation, the API page."""
+    _, images, _ = collection
+    page = _open_page(browser, server, width=360, height=740)
+    assert page.evaluate(_OVERFLOW) and page.evaluate(_OVERFLOWING) == []
+    page.set_input_files("#file-input", str(first_image(images, "horse2")))
+    page.wait_for_function("!document.getElementById('search-button').disabled")
+    _drag_box(page, 0.45, 0.45, 0.55, 0.55)  # the small-box warning too
+    assert page.locator("#box-warning").is_visible()
+    page.check("#online")
+    page.fill("#qe", "2")
+    _search_and_wait(page)
+    assert page.locator("#results .hit").count() == 13
+    assert page.evaluate(_OVERFLOW), page.evaluate(_OVERFLOWING)
+    assert page.evaluate(_OVERFLOWING) == []
+    # The panels are one above the other, each the window's width.
+    query_panel = page.locator("#query-panel").bounding_box()
+    results_panel = page.locator("#results-panel").bounding_box()
+    assert results_panel["y"] >= query_panel["y"] + query_panel["height"]
+    assert query_panel["x"] + query_panel["width"] <= 360 and results_panel["x"] + results_panel["width"] <= 360
+    _screenshot(page, "web_search_360.png")
+    page.locator("#results .hit").first.click()
+    page.wait_for_selector("#explain[data-state=done]", timeout=60_000)
+    assert page.evaluate(_OVERFLOW) and page.evaluate(_OVERFLOWING) == []
+    _screenshot(page, "web_explain_360.png")
+    page.keyboard.press("Escape")
+    page.goto(server + "/docs")
+    page.wait_for_selector("body[data-state=done]")
+    assert page.evaluate(_OVERFLOW) and page.evaluate(_OVERFLOWING) == []
+    assert not page.errors, page.errors
+    page.context.close()
+
+
+def test_api_docs_page_renders_the_openapi_description_offline(browser, server):
+    """/docs in a browser: every endpoint of /openapi.json with its parameters and responses, and not one request
+    to anywhere but this server."""
+    page = _open_page(browser, server, path="/docs")
+    requested = []
+    page.on("request", lambda r: requested.append(r.url))
+    page.reload()
+    page.wait_for_selector("body[data-state=done]")
+    spec = json.loads(request("GET", server + "/openapi.json")[2])
+    operations = [(method.upper(), path) for path, item in spec["paths"].items() for method in item]
+    shown = page.locator("#endpoints .op").evaluate_all("ops => ops.map(o => [o.dataset.method, o.dataset.path])")
+    assert [tuple(op) for op in shown] == operations
+    assert page.locator("#toc-list li").count() == len(operations)
+    search_section = page.locator('#endpoints .op[data-path="/api/search"]')
+    text = search_section.inner_text()
+    for field in ("file", "path", "query_id", "box", "top", "online", "rerank", "qe", "qe_alpha", "multipart/form-data"):
+        assert field in text, field
+    assert "≥ 1; ≤ 1000; default 10" in text and "413" in text and "array of SearchResult" in text
+    assert page.locator("#schema-SearchResult").count() == 1 and page.locator("#schema-Network").count() == 1
+    assert "stride" in page.inner_text("#schema-Network")
+    assert requested and all(url.startswith(server + "/") for url in requested), requested
+    assert not page.errors, page.errors
+    page.context.close()
 
 
 # --- explain and eval --report ---
@@ -441,35 +703,170 @@ def test_explain_command_writes_the_picture(collection, tmp_path, capsys):
     assert "image not found" in capsys.readouterr().err
 
 
-def test_eval_report(collection, tmp_path):
+@pytest.fixture(scope="module")
+def eval_report(collection, tmp_path_factory):
+    """``camretrieval eval --report`` on the collection as a label-folder set (4 images of each of 3 objects), every
+    query with a box: (its record from --json, the report's folder, the page, the boxes)."""
     _, images, _ = collection
-    labelled = tmp_path / "labelled"
+    root = tmp_path_factory.mktemp("eval")
+    labelled = root / "labelled"
     for obj in OBJECTS:
         shutil.copytree(images / obj, labelled / obj)
-    report = tmp_path / "report"
-    code = main(
-        [
-            "eval",
-            "--images",
-            str(labelled),
-            "--size",
-            str(SIZE),
-            "--classes",
-            "8",
-            "--workers",
-            "0",
-            "--quiet",
-            "--report",
-            str(report),
-        ]
-    )
+    boxes = {path.relative_to(labelled).as_posix(): [24, 40, 200, 216] for path in sorted(labelled.glob("*/*.jpg"))}
+    (labelled / "boxes.json").write_text(json.dumps(boxes))
+    report = root / "report"
+    args = ["eval", "--images", str(labelled), "--size", str(SIZE), "--classes", "8", "--workers", "0", "--quiet"]
+    output = io.StringIO()
+    stdout, sys.stdout = sys.stdout, output
+    try:
+        code = main([*args, "--json", "--report", str(report)])
+    finally:
+        sys.stdout = stdout
     assert code == 0
-    page = (report / "index.html").read_text()
+    return json.loads(output.getvalue()), report, (report / "index.html").read_text(), boxes
+
+
+def _examples(page: str) -> dict[int, tuple[str, list[tuple[str, str, float]]]]:
+    """The report's examples: query number -> (its name, its results as (kind, path, score))."""
+    examples = {}
+    for block in page.split('<div class="example"')[1:]:
+        q = int(re.match(r' id="example-(\d+)"', block).group(1))
+        name = re.search(r"query \d+, (\S+) \(AP", block).group(1)
+        results = [
+            (kind, path, float(score))
+            for kind, score, path in re.findall(
+                r'<figure class="(pos|neg|junk)" data-index="\d+">.*?<span class="score">(-?[\d.]+)</span><br>([^<]+)'
+                r"</figcaption>",
+                block,
+            )
+        ]
+        examples[q] = (name, results)
+    return examples
+
+
+def test_eval_report(eval_report):
+    record, report, page, _ = eval_report
     assert "<svg" in page and "mean interpolated precision" in page and "Average precision per query" in page
-    assert page.count("<tr><td>") >= 12 + 4  # every query's AP, and the metrics
+    assert page.count('<tr id="query-') == 12  # every query's AP
     pictures = sorted(p.name for p in (report / "images").iterdir())
     assert any(p.endswith("_cam.jpg") for p in pictures) and sum(p.endswith("_r1.jpg") for p in pictures) == 6
     assert 'class="pos"' in page and ('class="neg"' in page or 'class="junk"' in page)
+    # Metrics in words, not the record's keys.
+    metrics = page.split('<table class="metrics">')[1].split("</table>")[0]
+    names = re.findall(r"<td>([^<]+)</td><td class=\"num\">", metrics)
+    assert names[:4] == [
+        "mean average precision (mAP)",
+        "mean precision at 1 (mP@1)",
+        "mean precision at 5 (mP@5)",
+        "mean precision at 10 (mP@10)",
+    ]
+    assert not {"map", "mp@1", "mp@5", "mp@10", "seconds_per_image"} & set(names)
+    value = float(re.search(r"mean average precision \(mAP\)</td><td class=\"num\">([\d.]+)", metrics).group(1))
+    assert value == pytest.approx(record["map"], abs=5e-5)
+    # Self-contained: one inline script (the sorting), no file or URL from anywhere else.
+    assert "<script>" in page and "<script src" not in page and "<link" not in page
+    assert not re.findall(r'(?:src|href)="(?:https?:)?//', page)
+    assert all(link.startswith("images/") for link in re.findall(r'src="([^"]+)"', page))
+
+
+def test_eval_report_map_per_label(eval_report):
+    record, _, page, _ = eval_report
+    section = page.split('<h2 id="labels">')[1].split("</table>")[0]
+    rows = re.findall(r'<tr><td>(\w+)</td><td class="num" data-value="(\d+)">\d+</td><td class="num" data-value="([\d.]+)"', section)
+    assert [label for label, _, _ in rows] == sorted(OBJECTS)
+    for label, count, label_map in rows:
+        aps = [ap for name, ap in zip(record["query_names"], record["aps"]) if name.startswith(label + "/")]
+        assert int(count) == len(aps) == 4
+        assert float(label_map) == pytest.approx(np.mean(aps), abs=1e-6)
+
+
+def test_eval_report_per_query_table_links_to_the_examples(eval_report):
+    record, report, page, _ = eval_report
+    table = page.split('<h2 id="queries">')[1]
+    assert '<table class="sortable">' in table and 'data-sort="number"' in table
+    examples = _examples(page)
+    assert len(examples) == 6
+    # Each example's row links to it, and it links back to its row.
+    for q in examples:
+        assert f'<tr id="query-{q}">' in table and table.count(f'href="#example-{q}"') == 2
+        assert f'href="#query-{q}"' in page
+    linked = {int(q) for q in re.findall(r'href="#example-(\d+)"', table)}
+    assert linked == set(examples)
+
+
+def test_eval_report_table_sorts_in_a_browser(eval_report, browser):
+    """The inline script sorts the per-query table: by AP ascending, then descending, then by name; and the report
+    fits a phone's width."""
+    record, report, _, _ = eval_report
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    view = context.new_page()
+    errors = []
+    view.on("pageerror", lambda error: errors.append(str(error)))
+    view.goto((report / "index.html").as_uri())
+    rows = view.locator("#queries ~ .table-wrap tbody tr")
+    heading = view.locator("#queries ~ .table-wrap th", has_text="AP").locator("button")
+    heading.click()
+    order = [int(i) for i in rows.evaluate_all("rs => rs.map(r => r.cells[0].textContent)")]
+    aps = record["aps"]
+    assert order == sorted(range(len(aps)), key=lambda q: (aps[q], q))
+    heading.click()
+    order = [int(i) for i in rows.evaluate_all("rs => rs.map(r => r.cells[0].textContent)")]
+    assert [aps[q] for q in order] == sorted(aps, reverse=True)
+    view.locator("#queries ~ .table-wrap th", has_text="query").locator("button").click()
+    names = rows.evaluate_all("rs => rs.map(r => r.cells[1].textContent)")
+    assert names == sorted(record["query_names"])
+    view.set_viewport_size({"width": 360, "height": 740})
+    assert view.evaluate(_OVERFLOW) and view.evaluate(_OVERFLOWING) == []
+    assert not errors, errors
+    context.close()
+
+
+def test_eval_report_examples_show_scores_and_leave_the_query_out(eval_report):
+    record, _, page, _ = eval_report
+    for q, (name, results) in _examples(page).items():
+        assert name == record["query_names"][q]
+        assert len(results) == 8  # REPORT_TOP, from the 11 other images
+        paths = [path for _, path, _ in results]
+        assert f"{name}.jpg" not in paths and len(set(paths)) == 8
+        scores = [score for _, _, score in results]
+        assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+        # The label-folder protocol: the query's own label is positive, the others negative; no junk is left.
+        label = name.split("/")[0]
+        assert all((kind == "pos") == (path.split("/")[0] == label) for kind, path, _ in results)
+
+
+def test_eval_report_box_is_outlined_dark_and_bright(eval_report):
+    _, report, page, boxes = eval_report
+    q = min(_examples(page))
+    for suffix in ("query", "cam"):
+        picture = np.asarray(Image.open(report / "images" / f"q{q}_{suffix}.jpg").convert("L"), dtype=np.int32)
+        scale = picture.shape[1] / 256  # the ETH-80 views are 256 x 256
+        x1, y1, x2, y2 = (round(v * scale) for v in next(iter(boxes.values())))
+        for edge in (y1, y2):  # across the top and the bottom edge: dark, bright, dark, whatever lies around
+            for x in range((x1 + x2) // 2 - 10, (x1 + x2) // 2 + 10):
+                profile = "".join(
+                    "d" if v < 60 else "b" if v > 200 else "-" for v in picture[edge - 6 : edge + 7, x]
+                )
+                assert re.search("dd+bbb+dd", profile), (suffix, edge, x, profile)
+
+
+def test_box_outline_shows_on_white_and_on_black():
+    for background in ((255, 255, 255), (0, 0, 0)):
+        picture = Image.new("RGB", (60, 60), background)
+        draw_outlined_box(picture, (10, 10, 50, 50))
+        row = [picture.getpixel((30, y))[0] for y in range(4, 17)]
+        # Dark, bright, dark across the top edge (y = 10): whatever the background, one of them stands out.
+        assert row[3:5] == [0, 0] and row[5:8] == [255, 255, 255] and row[8:10] == [0, 0], row
+
+
+def test_metric_names_are_words():
+    assert metric_name("map") == "mean average precision (mAP)"
+    assert metric_name("mp@1") == "mean precision at 1 (mP@1)"
+    assert metric_name("map_hard") == "mean average precision, Hard setup (mAP Hard)"
+    assert metric_name("mp@10_easy") == "mean precision at 10, Easy setup (mP@10 Easy)"
+    assert metric_name("ns_score").startswith("N-S score")
+    assert metric_name("seconds_per_image").startswith("seconds per image")
+    assert metric_name("some_new_metric") == "some new metric"
 
 
 def test_precision_recall_helpers():

@@ -1,4 +1,9 @@
-"""What each ``camretrieval`` command does with its parsed arguments (``run_<command>``, named in :data:`COMMANDS`)."""
+"""What each ``camretrieval`` command does with its parsed arguments (``run_<command>``, named in :data:`COMMANDS`).
+
+Each ``run_<command>`` checks its arguments first and imports what it needs inside, so that a command pays only for
+what it uses and an argument error answers at once: this module itself imports nothing heavy. ``search`` is in
+:mod:`camretrieval.cli.search`, ``info`` in :mod:`camretrieval.cli.info`.
+"""
 
 from __future__ import annotations
 
@@ -7,45 +12,27 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from camretrieval.cli.info import run_info
+from camretrieval.cli.search import read_queries_file, run_search
+from camretrieval.constants import DEFAULT_BACKBONE, DEFAULT_NPCA, DEFAULT_WHITENING_DIM
 from camretrieval.errors import CamRetrievalError
-from camretrieval.evaluation.datasets import (
-    RetrievalDataset,
-    image_folder,
-    load_dataset,
-    with_distractors,
-)
-from camretrieval.evaluation.runner import (
-    Variant,
-    VariantResult,
-    evaluate_variants,
-    fit_variant_whitenings,
-    markdown_table,
-    result_record,
-    table_1a_variants,
-    table_1b_variants,
-    table_2_variants,
-)
-from camretrieval.extraction.backbones import Backbone, WeightsNotFoundError, load_backbone
-from camretrieval.extraction.describer import Describer, FileFailure
-from camretrieval.extraction.fitting import fit_whitening, learn_classes
-from camretrieval.extraction.images import find_images
-from camretrieval.extraction.settings import (
-    DEFAULT_BACKBONE,
-    ExtractionSettings,
-)
-from camretrieval.method.class_list import ClassList
-from camretrieval.method.regions import Box, parse_box
-from camretrieval.method.whitening import PCAWhitening
-from camretrieval.search.index import Index
-from camretrieval.search.refinement import SearchOptions
-from camretrieval.storage.maps import require_maps
-from camretrieval.storage.writer import remove_images, update_index
+
+if TYPE_CHECKING:  # annotations only
+    from camretrieval.evaluation.datasets import RetrievalDataset
+    from camretrieval.extraction.describer import FileFailure
+    from camretrieval.extraction.settings import ExtractionSettings
+    from camretrieval.method.whitening import PCAWhitening
+
+__all__ = ["COMMANDS", "read_queries_file"]
 
 
 def _class_list(path: Path | None, backbone: str, learned: dict) -> list[int] | None:
     """The classes of --class-list FILE (checked against the backbone), or of the PCA file when it was learned with a
     list; both given, they must be the same list."""
+    from camretrieval.method.class_list import ClassList
+
     from_pca = learned.get("class_list")
     if path is None:
         return from_pca
@@ -61,6 +48,8 @@ def _class_list(path: Path | None, backbone: str, learned: dict) -> list[int] | 
 def _settings(args: argparse.Namespace, whitening: PCAWhitening | None, n_classes: int | None = None) -> ExtractionSettings:
     """The extraction settings of a command's options: each option given, else as the PCA-whitening was learned, else
     the defaults; --class-list checked against the PCA's list."""
+    from camretrieval.extraction.settings import ExtractionSettings
+
     learned = whitening.settings if whitening is not None else {}
     class_list = _class_list(getattr(args, "class_list", None), args.backbone or learned.get("backbone", DEFAULT_BACKBONE), learned)
     return ExtractionSettings.from_pca(
@@ -70,11 +59,9 @@ def _settings(args: argparse.Namespace, whitening: PCAWhitening | None, n_classe
 
 
 def _load_benchmark(args: argparse.Namespace) -> RetrievalDataset:
-    if (args.dataset is None) == (args.images is None):
-        raise CamRetrievalError("give either --dataset NAME --data-root DIR or --images DIR")
+    from camretrieval.evaluation.datasets import image_folder, load_dataset, with_distractors
+
     if args.dataset is not None:
-        if args.data_root is None:
-            raise CamRetrievalError(f"--dataset {args.dataset} needs --data-root DIR")
         dataset = load_dataset(args.dataset, args.data_root)
     else:
         dataset = image_folder(args.images)
@@ -83,12 +70,30 @@ def _load_benchmark(args: argparse.Namespace) -> RetrievalDataset:
     return dataset
 
 
+def _check_benchmark_arguments(args: argparse.Namespace) -> None:
+    if (args.dataset is None) == (args.images is None):
+        raise CamRetrievalError("give either --dataset NAME --data-root DIR or --images DIR")
+    if args.dataset is not None and args.data_root is None:
+        raise CamRetrievalError(f"--dataset {args.dataset} needs --data-root DIR")
+
+
 def _report_failures(failures: list[FileFailure], total: int) -> None:
     if failures:
         print(f"skipped {len(failures)} of {total} files that could not be used (listed above)", file=sys.stderr)
 
 
+def _check_output_file(path: Path | None) -> None:
+    """An output file the command can write, checked before any image is described."""
+    if path is not None and path.is_dir():
+        raise CamRetrievalError(f"{path} is a folder: give the path of a file to write")
+
+
 def run_fit_pca(args: argparse.Namespace) -> int:
+    from camretrieval.extraction.describer import Describer
+    from camretrieval.extraction.fitting import fit_whitening
+    from camretrieval.extraction.images import find_images
+
+    _check_output_file(args.pca_file)
     paths = find_images(args.images_dir)
     if not paths:
         raise CamRetrievalError(f"no images under {args.images_dir}")
@@ -111,6 +116,12 @@ def run_fit_pca(args: argparse.Namespace) -> int:
 
 
 def run_learn_classes(args: argparse.Namespace) -> int:
+    from camretrieval.extraction.describer import Describer
+    from camretrieval.extraction.fitting import learn_classes
+    from camretrieval.extraction.images import find_images
+    from camretrieval.extraction.settings import ExtractionSettings
+
+    _check_output_file(args.output)
     paths = find_images(args.images_dir)
     if not paths:
         raise CamRetrievalError(f"no images under {args.images_dir}")
@@ -129,14 +140,95 @@ def run_learn_classes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing_index_meta(index_dir: Path) -> dict:
+    """The catalog's meta data of the index in ``index_dir`` when it holds one with images described ({} for a new
+    index)."""
+    from camretrieval.storage.catalog import IndexStore
+
+    if not IndexStore.exists(index_dir):
+        return {}
+    store = IndexStore.open(index_dir)
+    try:
+        meta = store.meta()
+    finally:
+        store.close()
+    return meta if "settings" in meta else {}
+
+
+def _index_settings(args: argparse.Namespace, whitening: PCAWhitening | None, recorded: dict) -> ExtractionSettings:
+    """``index``'s settings: each option given, else as the existing index was built (``recorded``, its
+    ``ExtractionSettings.to_dict()``), else as the --pca file was learned, else the defaults."""
+    from camretrieval.extraction.settings import ExtractionSettings
+
+    if not recorded:
+        return _settings(args, whitening, n_classes=args.classes)
+    learned = whitening.settings if whitening is not None else {}
+    backbone = args.backbone or recorded["backbone"]
+    class_list = _class_list(args.class_list, backbone, learned) if args.class_list is not None else None
+    return ExtractionSettings.from_dict(
+        {key: value for key, value in recorded.items() if key != "cam_layer"},  # the backbone's own, filled in again
+        backbone=args.backbone, weights=args.weights, feature_layer=args.feature_layer, size=args.size,
+        pooling=args.pooling, n_classes=args.classes, class_list=class_list,
+    )
+
+
+# The option that sets each recorded setting.
+_SETTING_OPTIONS = {
+    "backbone": "--backbone", "feature_layer": "--feature-layer", "size": "--size", "pooling": "--pooling",
+    "n_classes": "--classes", "class_list": "--class-list", "weights": "--weights",
+}
+
+
+def _check_same_settings(index_dir: Path, settings: ExtractionSettings, recorded: dict) -> None:
+    """Refuse, before any model is loaded, options that differ from how the existing index was built."""
+    if not recorded:
+        return
+    wanted = settings.to_dict()
+    differences = [
+        f"{option} {wanted.get(key)!r} given, {key!r}: {recorded.get(key)!r} in the index"
+        for key, option in _SETTING_OPTIONS.items()
+        if wanted.get(key) != recorded.get(key)
+    ]
+    if differences:
+        raise CamRetrievalError(
+            f"the index at {index_dir} was built with other settings: {'; '.join(differences)}. Leave those options "
+            "out to add to it with its own settings, or index into a new folder"
+        )
+
+
 def run_index(args: argparse.Namespace) -> int:
-    whitening = PCAWhitening.load(args.pca)
+    if args.pca is not None and (args.dim is not None or args.npca is not None):
+        raise CamRetrievalError(
+            "--dim and --npca size the whitening an index learns on its own collection; a --pca file brings its own "
+            "(camretrieval fit-pca --dim D --npca N learns one)"
+        )
+    from camretrieval.method.whitening import PCAWhitening
+    from camretrieval.storage.writer import update_index, whitening_for_index
+
+    meta = _existing_index_meta(args.index_dir)
+    recorded = meta.get("settings", {})
+    whitening = PCAWhitening.load(args.pca) if args.pca is not None else None
+    settings = _index_settings(args, whitening, recorded)
+    _check_same_settings(args.index_dir, settings, recorded)
+    if args.pca is None:
+        whitening, note = whitening_for_index(
+            args.index_dir, args.images_dir, settings, dim=args.dim or DEFAULT_WHITENING_DIM,
+            n_pca=args.npca or DEFAULT_NPCA, batch_size=args.batch_size, workers=args.workers, device=args.device,
+            precision=args.precision, progress=not args.quiet,
+        )
+        if meta and (args.dim is not None or args.npca is not None):
+            note += " (--dim and --npca apply to a new index only)"
+        print(note, file=sys.stderr)
+    if args.no_maps:
+        keep_maps = False
+    else:  # an existing index keeps what it stores; a new one stores maps for the class-weighted pooling
+        keep_maps = (meta["maps"] is not None) if meta else None
     report = update_index(
         args.index_dir,
         args.images_dir,
         whitening,
-        _settings(args, whitening, n_classes=args.classes),
-        keep_maps=False if args.no_maps else None,
+        settings,
+        keep_maps=keep_maps,
         batch_size=args.batch_size,
         workers=args.workers,
         device=args.device,
@@ -149,7 +241,7 @@ def run_index(args: argparse.Namespace) -> int:
         precision=args.precision,
         float16=args.float16,
     )
-    _report_failures(report.failures, report.added + report.updated)
+    _report_failures(report.failures, report.attempted)
     if report.failed_before:
         print(f"{report.failed_before} files that failed before and have not changed were not tried again", file=sys.stderr)
     if report.missing:
@@ -169,94 +261,69 @@ def run_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_removal_paths(paths: list[str], root: Path | None, known: set[str], cwd: Path | None = None) -> list[str]:
+    """The paths ``remove`` was given, as the index names them where they can be: a path the index lists (relative
+    to the indexed folder) as it is; else a path that exists relative to the current folder (``cwd``) and lies under
+    the indexed ``root``, relative to the root; else as given (absolute paths are resolved by the writer)."""
+    cwd = Path.cwd() if cwd is None else cwd
+    resolved = []
+    for path in paths:
+        candidate = cwd / path
+        if path in known or Path(path).is_absolute() or root is None or not candidate.exists():
+            resolved.append(path)
+            continue
+        try:
+            resolved.append(candidate.resolve().relative_to(root.resolve()).as_posix())
+        except ValueError:  # not under the indexed folder: reported as not in the index
+            resolved.append(path)
+    return resolved
+
+
 def run_remove(args: argparse.Namespace) -> int:
     if not args.paths and not args.missing:
         raise CamRetrievalError("name the images to remove, or --missing for those no longer on disk")
-    removed, unknown = remove_images(args.index_dir, args.paths, args.missing)
+    from camretrieval.storage.catalog import IndexStore
+    from camretrieval.storage.writer import remove_images
+
+    store = IndexStore.open(args.index_dir)
+    try:
+        root = store.meta().get("image_root")
+        known = set(store.known_files())
+    finally:
+        store.close()
+    paths = resolve_removal_paths(args.paths, Path(root) if root else None, known)
+    removed, unknown = remove_images(args.index_dir, paths, args.missing)
     for path in unknown:
-        print(f"not in the index: {path}", file=sys.stderr)
+        given = args.paths[paths.index(path)] if path in paths else path
+        print(f"not in the index: {given}", file=sys.stderr)
     print(f"removed {removed} images from {args.index_dir}")
     return 0 if not unknown else 1
 
 
-def read_queries_file(path: Path) -> list[tuple[str, Box | None]]:
-    """One query a line: ``PATH`` or ``PATH x1 y1 x2 y2`` (the path may contain spaces); '#' starts a comment."""
-    if not path.is_file():
-        raise CamRetrievalError(f"queries file not found: {path}")
-    queries = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.rsplit(maxsplit=4)
-        if len(parts) == 5 and _all_numbers(parts[1:]):
-            queries.append((parts[0], parse_box(" ".join(parts[1:]))))
-        elif _all_numbers(parts[1:]) and len(parts) > 1:
-            raise CamRetrievalError(f"{path}:{number}: a box needs four numbers x1 y1 x2 y2: {line!r}")
-        else:
-            queries.append((line, None))
-    return queries
-
-
-def _all_numbers(texts: list[str]) -> bool:
-    try:
-        [float(text) for text in texts]
-    except ValueError:
-        return False
-    return True
-
-
-def run_search(args: argparse.Namespace) -> int:
-    queries: list[tuple[str, Box | None]] = [(query, None) for query in args.queries]
-    if args.box is not None:
-        if len(queries) != 1:
-            raise CamRetrievalError("--box goes with exactly one QUERY; use --queries FILE for several boxes")
-        queries = [(queries[0][0], parse_box(args.box))]
-    if args.queries_file is not None:
-        queries += read_queries_file(args.queries_file)
-    if not queries:
-        raise CamRetrievalError("no queries: give QUERY paths or --queries FILE")
-    if args.top < 1:
-        raise CamRetrievalError("--top must be at least 1")
-    if args.qe_alpha is not None and not args.qe:
-        raise CamRetrievalError("--qe-alpha goes with --qe K")
-    if args.online_top and not args.online:
-        raise CamRetrievalError("--online-top goes with --online")
-    options = SearchOptions(
-        online=args.online,
-        online_classes=args.online_classes,
-        online_top=args.online_top,
-        rerank=args.rerank,
-        rerank_classes=args.rerank_classes,
-        qe=args.qe,
-        qe_alpha=args.qe_alpha or 0.0,
-    )
-    index = Index.open(args.index_dir, device=args.device, exact=args.exact)
-    if options.needs_maps:  # one clear error, not one per query
-        require_maps(index.maps, "--online" if options.online else "--rerank")
-    results, failed = [], 0
-    for query, box in queries:
-        try:
-            hits = index.search([query], [box], args.top, options)[0]
-        except CamRetrievalError as error:
-            print(f"query {query}: {error}", file=sys.stderr)
-            failed += 1
-            continue
-        results.append({"query": query, "results": [{"path": h.path, "score": h.score} for h in hits]})
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for result in results:
-            print(f"\n{result['query']}")
-            print(f"  {'rank':>4}  {'score':>6}  path")
-            for rank, hit in enumerate(result["results"], start=1):
-                print(f"  {rank:>4}  {hit['score']:6.3f}  {hit['path']}")
-    return 1 if failed else 0
+def _check_whitening_arguments(args: argparse.Namespace) -> None:
+    if args.pca is not None and args.pca_images is not None:
+        raise CamRetrievalError("give --pca FILE or --pca-images DIR, not both")
+    if args.pca_images is None and (args.dim is not None or args.npca is not None):
+        raise CamRetrievalError(
+            "--dim and --npca size the whitening learned with --pca-images DIR"
+            + ("; a --pca file brings its own" if args.pca is not None else "")
+        )
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    if args.pca is not None and args.pca_images is not None:
-        raise CamRetrievalError("give --pca FILE or --pca-images DIR, not both")
+    _check_whitening_arguments(args)
+    _check_benchmark_arguments(args)
+    from camretrieval.evaluation.runner import (
+        Variant,
+        evaluate_variants,
+        fit_variant_whitenings,
+        markdown_table,
+        result_record,
+    )
+    from camretrieval.extraction.describer import Describer
+    from camretrieval.extraction.images import find_images
+    from camretrieval.method.whitening import PCAWhitening
+
     dataset = _load_benchmark(args)
     whitening = PCAWhitening.load(args.pca) if args.pca is not None else None
     settings = _settings(args, whitening, n_classes=args.classes)
@@ -269,6 +336,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.pca_images is not None:
         whitenings = fit_variant_whitenings(
             describer, [variant], find_images(args.pca_images), args.pca_images,
+            dim=args.dim or DEFAULT_WHITENING_DIM, n_pca=args.npca or DEFAULT_NPCA,
             batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
         )
     [result] = evaluate_variants(
@@ -295,19 +363,35 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_tables(args: argparse.Namespace) -> int:
+    _check_benchmark_arguments(args)
+    from camretrieval.evaluation.runner import (
+        Variant,
+        VariantResult,
+        evaluate_variants,
+        fit_variant_whitenings,
+        markdown_table,
+        table_1a_variants,
+        table_1b_variants,
+        table_2_variants,
+    )
+    from camretrieval.extraction.backbones import Backbone, WeightsNotFoundError, load_backbone
+    from camretrieval.extraction.describer import Describer
+    from camretrieval.extraction.images import find_images
+
     dataset = _load_benchmark(args)
     progress = not args.quiet
     pca_paths = find_images(args.pca_images)
     sections = [
         f"Tables on {dataset.name} ({len(dataset.images)} images, {len(dataset.queries)} queries), PCA-whitening "
-        f"({args.dim}-d) learned on {args.pca_images.name} ({len(pca_paths)} images), size {args.size}.\n"
+        f"({args.dim}-d, N_pca = {args.npca}) learned on {args.pca_images.name} ({len(pca_paths)} images), "
+        f"size {args.size}.\n"
     ]
 
     def run(backbone: Backbone, variants: list[Variant]) -> list:
         describer = Describer(backbone, args.size, device=args.device)
         whitenings = fit_variant_whitenings(
-            describer, variants, pca_paths, args.pca_images, args.dim, batch_size=args.batch_size, workers=args.workers,
-            progress=progress,
+            describer, variants, pca_paths, args.pca_images, args.dim, args.npca, batch_size=args.batch_size,
+            workers=args.workers, progress=progress,
         )
         return evaluate_variants(describer, dataset, variants, whitenings, args.batch_size, args.workers, progress)
 
@@ -354,19 +438,63 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def short_class_name(name: str) -> str:
+    """An ImageNet class's first name ("great white shark" of "great white shark, white shark, man-eater, ...")."""
+    return name.split(",")[0].strip()
+
+
+def _explain_settings(args: argparse.Namespace) -> tuple[ExtractionSettings, str]:
+    """The settings ``explain`` describes the image with, and a note saying whose they are: the --index's (an option
+    given that differs from it is refused), else the options'."""
+    from camretrieval.constants import DEFAULT_SIZE
+    from camretrieval.extraction.settings import ExtractionSettings
+
+    if args.index is None:
+        settings = ExtractionSettings(args.backbone or DEFAULT_BACKBONE, size=args.size or DEFAULT_SIZE, weights=args.weights)
+        return settings, f"{settings.backbone}, {settings.size} px"
+    from camretrieval.storage.catalog import IndexStore
+
+    store = IndexStore.open(args.index)
+    try:
+        recorded = store.meta().get("settings")
+    finally:
+        store.close()
+    if not recorded:
+        raise CamRetrievalError(f"the index at {args.index} has no images yet: run camretrieval index first")
+    settings = ExtractionSettings.from_dict(
+        {key: recorded.get(key) for key in ("backbone", "feature_layer", "size", "weights", "pooling", "n_classes")}
+    )
+    given = {"--backbone": args.backbone, "--size": args.size, "--weights": args.weights}
+    index_values = {"--backbone": settings.backbone, "--size": settings.size, "--weights": settings.weights}
+    for option, value in given.items():
+        if value is None:
+            continue
+        if option == "--weights":
+            value = str(Path(value).resolve())
+        if value != index_values[option]:
+            raise CamRetrievalError(
+                f"{option} {given[option]} is not the index's ({index_values[option]}): leave {option} out to explain "
+                f"the image as the index at {args.index} sees it, or leave --index out"
+            )
+    return settings, f"as the index {args.index.name} sees it: {settings.backbone}, {settings.size} px"
+
+
 def run_explain(args: argparse.Namespace) -> int:
     from camretrieval.explain import explain_figure, open_image_argument
+    from camretrieval.extraction.describer import Describer
 
+    _check_output_file(args.output)
     image = open_image_argument(args.image)
-    settings = ExtractionSettings(args.backbone, size=args.size, weights=args.weights)
+    settings, seen_as = _explain_settings(args)
     describer = Describer.from_settings(settings, device=args.device)
-    box = parse_box(args.box) if args.box else None
-    figure, classes = explain_figure(describer, image, args.classes, box, title=f"{image.name} ({args.backbone}, {args.size} px)")
+    figure, classes = explain_figure(describer, image, args.classes, args.box, title=f"{image.name} ({seen_as})")
     output = args.output or Path(f"{image.stem}.explain.png")
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.save(output)
-    for rank, c in enumerate(classes, start=1):
-        print(f"{rank:>2}. {c.probability:6.3f}  {c.name}  (class {c.index})")
+    names = [short_class_name(c.name) for c in classes]
+    width = max(len(name) for name in names)
+    for rank, (c, name) in enumerate(zip(classes, names), start=1):
+        print(f"{rank:>2}. {name:<{width}}  {100 * c.probability:5.1f}%  (class {c.index})")
     print(f"wrote {output}")
     return 0
 
@@ -375,6 +503,7 @@ COMMANDS = {
     "fit-pca": run_fit_pca,
     "learn-classes": run_learn_classes,
     "index": run_index,
+    "info": run_info,
     "remove": run_remove,
     "search": run_search,
     "eval": run_eval,

@@ -1,4 +1,8 @@
-"""The ``camretrieval`` command's arguments: one sub-parser per command, every option with its help and default."""
+"""The ``camretrieval`` command's arguments: one sub-parser per command, every option with its help and default.
+
+This module imports nothing heavy (only :mod:`camretrieval.constants`): ``camretrieval --help``, every
+``camretrieval COMMAND --help`` and every argument error answer without loading torch or a model.
+"""
 
 from __future__ import annotations
 
@@ -6,126 +10,245 @@ import argparse
 import os
 from pathlib import Path
 
-from camretrieval.evaluation.datasets import (
+from camretrieval.constants import (
+    ANN_KINDS,
+    BACKBONE_NAMES,
     DATASET_NAMES,
-)
-from camretrieval.extraction.backbones import list_backbones
-from camretrieval.extraction.settings import (
     DEFAULT_BACKBONE,
     DEFAULT_CLASSES,
+    DEFAULT_COMMIT_EVERY,
+    DEFAULT_LENGTH,
+    DEFAULT_NPCA,
     DEFAULT_POOLING,
+    DEFAULT_RAY_WORKERS,
+    DEFAULT_RERANK_CLASSES,
     DEFAULT_SIZE,
+    DEFAULT_TOP,
+    DEFAULT_WHITENING_DIM,
+    POOLINGS,
     PRECISIONS,
 )
-from camretrieval.method.cell_major import DEFAULT_RERANK_CLASSES
-from camretrieval.method.class_list import DEFAULT_LENGTH, DEFAULT_TOP
-from camretrieval.method.pooling import POOLINGS
-from camretrieval.storage.ann import ANN_KINDS
-from camretrieval.storage.ray import DEFAULT_RAY_WORKERS
-from camretrieval.storage.writer import DEFAULT_COMMIT_EVERY
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+DEFAULT_EXPLAIN_TOP = 3  # search --html: results per query shown with why they matched
 
 
-def _add_extraction_options(parser: argparse.ArgumentParser, defaults_from_pca: bool) -> None:
-    default_note = " (default: as in the PCA file)" if defaults_from_pca else ""
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in its help: the help's own words when it says "default", else "(default: off)" for a
+    flag and "(default: VALUE)" for the rest (tests/test_cli_help.py checks that each option shows one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return f"{text} (default: off)"
+        if action.default is None:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def count(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer of at least ``minimum`` (and at most ``maximum``), checked while parsing, before
+    anything is loaded."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}" if maximum is None else f"integer {minimum}..{maximum}"
+    return parse
+
+
+def non_negative_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def box_text(text: str) -> tuple[float, float, float, float]:
+    """``"x1,y1,x2,y2"`` (commas or spaces) -> four numbers; the same message as
+    :func:`camretrieval.method.regions.parse_box`, without importing torch. Whether the box fits its image is checked
+    when the image is read."""
+    parts = text.replace(",", " ").split()
+    try:
+        values = tuple(float(part) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"a box is four numbers x1,y1,x2,y2 in the image's pixels; got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+box_text.__name__ = "box"
+
+
+def _add_extraction_options(parser: argparse.ArgumentParser, defaults_from: str | None) -> None:
+    """--backbone, --weights, --feature-layer, --size, --pooling, and how to run: --batch-size, --workers, --device,
+    --precision, --quiet. ``defaults_from``: None (fixed defaults), "pca" (as the --pca file was learned) or "index"
+    (as the index was built, else as the --pca file was learned)."""
+    if defaults_from is None:
+        def default(value: object) -> str:
+            return f"(default: {value})"
+    elif defaults_from == "pca":
+        def default(value: object) -> str:
+            return f"(default: as the --pca file was learned, else {value})"
+    else:
+        def default(value: object) -> str:
+            return f"(default: as the existing index was built, else as the --pca file was learned, else {value})"
+    fixed = defaults_from is None
     parser.add_argument(
         "--backbone",
-        choices=list_backbones(),
-        default=None if defaults_from_pca else DEFAULT_BACKBONE,
-        help=f"ImageNet classifier{default_note or f' (default: {DEFAULT_BACKBONE})'}",
+        choices=BACKBONE_NAMES,
+        default=DEFAULT_BACKBONE if fixed else None,
+        help=f"ImageNet classifier (docs/backbones.md) {default(DEFAULT_BACKBONE)}",
     )
-    parser.add_argument("--weights", help="local weight file (state dict) for backbones without packaged weights")
     parser.add_argument(
-        "--feature-layer", help=f"layer whose maps are pooled (default: the backbone's own){default_note}"
+        "--weights",
+        metavar="FILE",
+        help="local weight file (state dict) for backbones without packaged weights "
+        + ("(default: the packaged weights, or torchvision's checkpoint in the torch hub cache)" if fixed
+           else default("the packaged weights")),
     )
+    own_layer = "the backbone's own layer (docs/backbones.md)"
+    parser.add_argument("--feature-layer", metavar="NAME", help=f"layer whose maps are pooled {default(own_layer)}")
     parser.add_argument(
         "--size",
-        type=int,
-        default=None if defaults_from_pca else DEFAULT_SIZE,
-        help=f"shorter image side in pixels, aspect kept{default_note or f' (default: {DEFAULT_SIZE})'}",
+        type=count(1),
+        default=DEFAULT_SIZE if fixed else None,
+        metavar="PX",
+        help=f"shorter image side in pixels, aspect kept (docs/method.md) {default(DEFAULT_SIZE)}",
     )
     parser.add_argument(
         "--pooling",
         choices=list(POOLINGS),
-        default=None if defaults_from_pca else DEFAULT_POOLING,
+        default=DEFAULT_POOLING if fixed else None,
         help="how the maps are pooled: cam (the paper's class weighting) or a baseline: "
         + "; ".join(f"{name}: {text}" for name, text in POOLINGS.items() if name != "cam")
-        + (default_note or f" (default: {DEFAULT_POOLING})"),
+        + f" {default(DEFAULT_POOLING)}",
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="images decoded per DataLoader batch (default: 16)")
-    parser.add_argument(
-        "--workers", type=int, default=DEFAULT_WORKERS, help=f"decoding processes (default: {DEFAULT_WORKERS})"
-    )
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    _add_run_options(parser)
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="float32",
         help="the backbone's forward pass: float32, or autocast to bfloat16 / float16 (on a GPU: faster; the CAM "
-        "arithmetic stays float32) (default: float32)",
+        "arithmetic stays float32)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=count(1), default=16, metavar="N", help="images per forward pass")
+    parser.add_argument("--workers", type=count(0), default=DEFAULT_WORKERS, metavar="N", help="decoding processes")
+    _add_device_option(parser)
+
+
+def _add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda or cuda:1")
+
+
+def _add_whitening_size_options(parser: argparse.ArgumentParser, when: str | None) -> None:
+    """--dim and --npca, as fit-pca has them; ``when``: the case they apply to (None: always), with their defaults
+    None so that a command can tell whether they were given."""
+    note = f"{when}: " if when else ""
+    defaults = {"dim": DEFAULT_WHITENING_DIM, "npca": DEFAULT_NPCA} if when is None else {"dim": None, "npca": None}
+    parser.add_argument(
+        "--dim", type=count(1), default=defaults["dim"], metavar="D",
+        help=f"{note}PCA-whitening output dimensions (default: {DEFAULT_WHITENING_DIM}; at most the vectors' K, and "
+        "fewer when the training images support fewer)",
+    )
+    parser.add_argument(
+        "--npca", type=count(1), default=defaults["npca"], metavar="N",
+        help=f"{note}class vectors per image the PCA-whitening is learned on, N_pca (default: {DEFAULT_NPCA})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="camretrieval",
-        description="Visual instance search with class-weighted convolutional features (BMVC 2017).",
+        description="Visual instance search with class-weighted convolutional features (BMVC 2017). "
+        "How it works: docs/method.md; every command: camretrieval COMMAND --help.",
+        formatter_class=HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    fit = commands.add_parser(
-        "fit-pca",
-        help="learn PCA-whitening on a folder of images (a different collection from the one you index)",
-        description="Learn PCA-whitening on the top-N_pca class vectors of every image of a folder.",
-    )
-    fit.add_argument("images_dir", type=Path)
-    fit.add_argument("pca_file", type=Path, help="output file (.npz)")
-    _add_extraction_options(fit, defaults_from_pca=False)
-    fit.add_argument("--dim", type=int, default=512, help="output dimensions (default: 512, or K when K <= 512)")
-    fit.add_argument("--npca", type=int, default=1, help="class vectors per image used for fitting (default: 1)")
-    _add_class_list_option(fit, "every image aggregated over that fixed list of classes (the PCA is learned on the "
-                           "vectors of its first N_pca classes, and applies to that list only)")
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
 
-    learn = commands.add_parser(
+    fit = command(
+        "fit-pca",
+        "learn PCA-whitening on a folder of images (a different collection from the one you index)",
+        "Learn PCA-whitening on the top-N_pca class vectors of every image of a folder (docs/method.md).",
+    )
+    fit.add_argument("images_dir", type=Path, help="folder of images to learn from (searched recursively)")
+    fit.add_argument("pca_file", type=Path, help="output file (.npz)")
+    _add_extraction_options(fit, defaults_from=None)
+    _add_whitening_size_options(fit, when=None)
+    _add_class_list_option(fit, "every image aggregated over that fixed list of classes (the PCA is learned on the "
+                           "vectors of its first N_pca classes, and applies to that list only) (default: none)")
+
+    learn = command(
         "learn-classes",
-        help="learn a fixed list of classes from example images of the collection's theme (paper section 4.3)",
-        description="Count each example image's top-N classes (by the classifier's score) and keep the L most "
-        "frequent: a class list for --class-list, which aggregates every image over exactly those classes.",
+        "learn a fixed list of classes from example images of the collection's theme (paper section 4.3)",
+        "Count each example image's top-N classes (by the classifier's score) and keep the L most frequent: a class "
+        "list for --class-list, which aggregates every image over exactly those classes (docs/refinement.md).",
     )
     learn.add_argument("images_dir", type=Path, help="example images of the collection's theme (not the collection)")
-    learn.add_argument("--output", type=Path, required=True, help="class-list file to write (.json)")
-    learn.add_argument("--top", type=int, default=DEFAULT_TOP, help=f"N, top classes counted per image (default: {DEFAULT_TOP})")
-    learn.add_argument("--classes", type=int, default=DEFAULT_LENGTH, help=f"L, classes kept (default: {DEFAULT_LENGTH})")
-    _add_extraction_options(learn, defaults_from_pca=False)
+    learn.add_argument("--output", type=Path, required=True, metavar="FILE", help="class-list file to write (.json) (required)")
+    learn.add_argument("--top", type=count(1), default=DEFAULT_TOP, metavar="N", help="N, top classes counted per image")
+    learn.add_argument("--classes", type=count(1), default=DEFAULT_LENGTH, metavar="L", help="L, classes kept")
+    _add_extraction_options(learn, defaults_from=None)
 
-    index = commands.add_parser(
-        "index", help="describe every image of a folder and store an index", description="Build an index of a folder."
+    index = command(
+        "index",
+        "describe every image of a folder into an index (again: only new and changed images)",
+        "Build or update the index of a folder: only images new or changed since the last run are described. "
+        "Without --pca, a new index learns its PCA-whitening on (a sample of) the collection itself; an existing "
+        "index keeps its whitening and, for every option not given, its settings.",
     )
-    index.add_argument("images_dir", type=Path)
-    index.add_argument("index_dir", type=Path)
-    index.add_argument("--pca", type=Path, required=True, help="PCA-whitening file from camretrieval fit-pca")
-    _add_extraction_options(index, defaults_from_pca=True)
+    index.add_argument("images_dir", type=Path, help="folder of images (searched recursively)")
+    index.add_argument("index_dir", type=Path, help="index folder (created if needed)")
     index.add_argument(
-        "--classes", type=int, default=DEFAULT_CLASSES, help=f"N_c, classes aggregated per image (default: {DEFAULT_CLASSES})"
+        "--pca", type=Path, metavar="FILE",
+        help="PCA-whitening file from camretrieval fit-pca, learned on another collection (as the paper does) "
+        "(default: the existing index's whitening, else one learned on the collection itself, sized by --dim and "
+        "--npca)",
+    )
+    _add_whitening_size_options(index, when="without --pca, for a new index")
+    _add_extraction_options(index, defaults_from="index")
+    index.add_argument(
+        "--classes", type=count(1), default=None, metavar="N_C",
+        help=f"N_c, classes aggregated per image (default: the existing index's, else {DEFAULT_CLASSES})",
     )
     _add_class_list_option(index, "the list the PCA file was learned with (the default, when it was: a PCA learned "
-                           "with a class list applies to that list only); N_c is its length")
+                           "with a class list applies to that list only; else the existing index's list, else none); "
+                           "N_c is its length")
     index.add_argument(
         "--no-maps",
         action="store_true",
         help="do not store the images' feature maps (float16, about 0.7 MB per 448 x 597 image with "
-        "efficientnet_lite0): smaller index, but no search --online or --rerank",
+        "efficientnet_lite0): smaller index, but no search --online or --rerank (default: store them for --pooling "
+        "cam, as the existing index does)",
     )
     index.add_argument(
         "--commit-every",
-        type=int,
+        type=count(1),
         default=DEFAULT_COMMIT_EVERY,
+        metavar="N",
         help="images described per commit: an interrupted run loses at most this many, and the next run goes on "
-        f"from there (default: {DEFAULT_COMMIT_EVERY})",
+        "from there",
     )
-
     index.add_argument(
         "--ann",
         choices=[*ANN_KINDS, "none"],
@@ -134,7 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
         "compressed, for millions of images), rebuilt after every change, its recall@100 against exact search "
         "printed; none: drop it (default: keep what the index has; a new index searches exactly)",
     )
-
     index.add_argument(
         "--float16",
         action=argparse.BooleanOptionalAction,
@@ -146,126 +268,203 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         choices=["local", "ray"],
         default="local",
-        help="where images are described: this process (local, the default) or Ray workers (ray: pip install "
+        help="where images are described: this process (local) or Ray workers (ray: pip install "
         "'camretrieval[ray]'; the workers must see the images and the index folder at the same paths)",
     )
-    index.add_argument("--address", default=None, help="--engine ray: the Ray cluster to use (default: start a local one)")
     index.add_argument(
-        "--ray-workers", type=int, default=DEFAULT_RAY_WORKERS, help=f"--engine ray: Ray workers (default: {DEFAULT_RAY_WORKERS})"
+        "--address", default=None, help="--engine ray: the Ray cluster to use (default: start a local one)"
+    )
+    index.add_argument(
+        "--ray-workers", type=count(1), default=DEFAULT_RAY_WORKERS, metavar="N", help="--engine ray: Ray workers"
     )
 
-    remove = commands.add_parser(
-        "remove",
-        help="remove images from an index",
-        description="Remove images from an index (their descriptors and maps are no longer searched). An image "
-        "still in the indexed folder comes back at the next camretrieval index of that folder.",
+    info = command(
+        "info",
+        "what an index holds and how it was made: images, folder, settings, whitening, maps, size",
+        "Describe an index: its images (and files that could not be read), the indexed folder, the extraction "
+        "settings, where its whitening comes from, whether it stores maps, its approximate index and recall, its size "
+        "on disk and when it last changed. Reads the catalog only (no model is loaded).",
     )
-    remove.add_argument("index_dir", type=Path)
-    remove.add_argument("paths", nargs="*", help="images to remove: paths relative to the indexed folder, or absolute")
+    info.add_argument("index_dir", type=Path, help="index folder")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    remove = command(
+        "remove",
+        "remove images from an index",
+        "Remove images from an index (their descriptors and maps are no longer searched). An image still in the "
+        "indexed folder comes back at the next camretrieval index of that folder.",
+    )
+    remove.add_argument("index_dir", type=Path, help="index folder")
+    remove.add_argument(
+        "paths", nargs="*", metavar="PATH",
+        help="images to remove: paths as the index lists them (relative to the indexed folder), paths relative to "
+        "the current folder, or absolute paths, under the indexed folder (default: none)",
+    )
     remove.add_argument("--missing", action="store_true", help="also remove every indexed image no longer on disk")
 
-    search = commands.add_parser(
+    search = command(
         "search",
-        help="search an index with query images",
-        description="Search an index with query images, each optionally with a box around the object.",
+        "search an index with query images",
+        "Search an index with query images, each optionally with a box around the object.",
     )
-    search.add_argument("index_dir", type=Path)
-    search.add_argument("queries", nargs="*", metavar="QUERY", help="query image files")
-    search.add_argument("--box", help="x1,y1,x2,y2 in the query's original pixels (with a single QUERY)")
+    search.add_argument("index_dir", type=Path, help="index folder")
+    search.add_argument("queries", nargs="*", metavar="QUERY", help="query image files (default: none; see --queries)")
     search.add_argument(
-        "--queries", dest="queries_file", type=Path, help="file with one query a line: PATH or PATH x1 y1 x2 y2"
+        "--box", type=box_text, metavar="X1,Y1,X2,Y2",
+        help="a box around the object, in the query's original pixels (with a single QUERY) (default: the whole image)",
     )
-    search.add_argument("--top", type=int, default=10, help="results per query (default: 10)")
-    search.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    search.add_argument("--device", default="cpu")
-    search.add_argument("--exact", action="store_true", help="exact search even if the index has an approximate one (--ann)")
-    refine = search.add_argument_group("query-time refinement (METHOD.md sections 3 and 5; --online and --rerank need an index with maps)")
-    refine.add_argument("--online", action="store_true", help="online aggregation: every database image aggregated with the query's classes")
-    refine.add_argument("--online-classes", type=int, metavar="N", help="N_c of online aggregation (default: the index's)")
-    refine.add_argument("--online-top", type=int, default=0, metavar="R", help="with --online: re-aggregate only the top R of the plain search (default: 0, all)")
-    refine.add_argument("--rerank", type=int, default=0, metavar="R", help="re-rank the top R with CAM regions (default: 0, off)")
+    search.add_argument(
+        "--queries", dest="queries_file", type=Path, metavar="FILE",
+        help="file with one query a line: PATH or PATH x1 y1 x2 y2 (default: none)",
+    )
+    search.add_argument("--top", type=count(1), default=10, metavar="K", help="results per query")
+    search.add_argument(
+        "--json", action="store_true",
+        help='print JSON instead of a table: [{"query", "root", "results": [{"path", "score"}]}] (README.md)',
+    )
+    search.add_argument(
+        "--html", type=Path, metavar="FILE",
+        help="also write a self-contained page of the results there: each query with its box, the ranked thumbnails "
+        "with their scores (each links to its image file), the refinement used, and why the first --explain-top "
+        "results matched (default: none)",
+    )
+    search.add_argument(
+        "--explain-top", type=count(0), default=DEFAULT_EXPLAIN_TOP, metavar="N",
+        help="with --html: show why the first N results of each query matched (CAM heatmaps and the matched region; "
+        "a few forward passes each: 0.15 s at --size 256 on 2 CPU cores); 0: none",
+    )
+    _add_device_option(search)
+    search.add_argument(
+        "--exact", action="store_true", help="exact search even if the index has an approximate one (index --ann)"
+    )
+    refine = search.add_argument_group(
+        "query-time refinement (the paper's sections 3 and 5: docs/method.md, docs/refinement.md; --online and "
+        "--rerank need an index with maps)"
+    )
     refine.add_argument(
-        "--rerank-classes", type=int, default=DEFAULT_RERANK_CLASSES, metavar="N",
-        help=f"N_re, query classes describing the regions (default: {DEFAULT_RERANK_CLASSES})",
+        "--online", action="store_true",
+        help="online aggregation: every database image aggregated with the query's classes",
     )
-    refine.add_argument("--qe", type=int, default=0, metavar="K", help="query expansion with the top K results (default: 0, off)")
-    refine.add_argument("--qe-alpha", type=float, metavar="A", help="alpha-QE: weight the K results by similarity^A (default: average QE)")
+    refine.add_argument(
+        "--online-classes", type=count(1), metavar="N", help="N_c of online aggregation (default: the index's)"
+    )
+    refine.add_argument(
+        "--online-top", type=count(0), default=0, metavar="R",
+        help="with --online: re-aggregate only the top R of the plain search (default: 0, all)",
+    )
+    refine.add_argument(
+        "--rerank", type=count(0), default=0, metavar="R", help="re-rank the top R with CAM regions (default: 0, off)"
+    )
+    refine.add_argument(
+        "--rerank-classes", type=count(1), default=DEFAULT_RERANK_CLASSES, metavar="N",
+        help="N_re, query classes describing the regions",
+    )
+    refine.add_argument(
+        "--qe", type=count(0), default=0, metavar="K", help="query expansion with the top K results (default: 0, off)"
+    )
+    refine.add_argument(
+        "--qe-alpha", type=non_negative_number, metavar="A",
+        help="alpha-QE: weight the K results by similarity^A (default: average QE)",
+    )
 
-    evaluation = commands.add_parser(
+    evaluation = command(
         "eval",
-        help="score a configuration on a benchmark (mAP, revisited Easy/Medium/Hard, N-S) with its own protocol",
-        description="Evaluate on a standard benchmark (--dataset NAME --data-root DIR) or on a folder of label "
-        "sub-folders (--images DIR, every image a query against the others; boxes from boxes.json when present).",
+        "score a configuration on a benchmark (mAP, revisited Easy/Medium/Hard, N-S) with its own protocol",
+        "Evaluate on a standard benchmark (--dataset NAME --data-root DIR) or on a folder of label sub-folders "
+        "(--images DIR, every image a query against the others; boxes from boxes.json when present).",
     )
     _add_benchmark_options(evaluation)
-    evaluation.add_argument("--pca", type=Path, help="PCA-whitening file (default: none, the raw descriptor)")
+    evaluation.add_argument("--pca", type=Path, metavar="FILE", help="PCA-whitening file (default: none, the raw descriptor)")
     evaluation.add_argument(
-        "--pca-images", type=Path, help="learn the PCA-whitening on this folder first, instead of --pca"
+        "--pca-images", type=Path, metavar="DIR",
+        help="learn the PCA-whitening on this folder first, instead of --pca (default: none)",
     )
-    _add_extraction_options(evaluation, defaults_from_pca=True)
+    _add_whitening_size_options(evaluation, when="with --pca-images")
+    _add_extraction_options(evaluation, defaults_from="pca")
     evaluation.add_argument(
-        "--classes", type=int, default=DEFAULT_CLASSES, help=f"N_c for --pooling cam (default: {DEFAULT_CLASSES})"
+        "--classes", type=count(1), default=DEFAULT_CLASSES, metavar="N_C", help="N_c for --pooling cam"
     )
     _add_class_list_option(evaluation, "every image (and query) aggregated over that fixed list of classes (default: "
                            "the --pca file's list, if it was learned with one); N_c is its length")
     evaluation.add_argument("--json", action="store_true", help="print the result as JSON")
     evaluation.add_argument(
         "--report", type=Path, metavar="DIR",
-        help="also write an HTML report there: metrics, per-query AP, precision-recall curve, example queries",
+        help="also write an HTML report there: metrics, per-query AP, precision-recall curve, example queries "
+        "(default: none)",
     )
 
-    tables = commands.add_parser(
+    tables = command(
         "tables",
-        help="regenerate the paper's Tables 1a, 1b and 2 on a benchmark, PCA learned on another collection",
-        description="All rows of the paper's tables from one extraction per backbone, as Markdown.",
+        "regenerate the paper's Tables 1a, 1b and 2 on a benchmark, PCA learned on another collection",
+        "All rows of the paper's tables from one extraction per backbone, as Markdown (docs/evaluation.md).",
     )
     _add_benchmark_options(tables)
-    tables.add_argument("--pca-images", type=Path, required=True, help="folder the PCA-whitening is learned on")
-    tables.add_argument("--size", type=int, default=DEFAULT_SIZE)
-    tables.add_argument("--dim", type=int, default=512, help="PCA-whitening dimensions (default: 512)")
-    tables.add_argument("--backbone", choices=list_backbones(), default=DEFAULT_BACKBONE)
     tables.add_argument(
-        "--compare-backbones", nargs="*", default=list_backbones(),
-        help="backbones for Table 1a's network comparison (those without weights here are skipped and said so)",
+        "--pca-images", type=Path, required=True, metavar="DIR", help="folder the PCA-whitening is learned on (required)"
     )
-    tables.add_argument("--output", type=Path, help="also write the tables to this Markdown file")
-    tables.add_argument("--batch-size", type=int, default=16)
-    tables.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
-    tables.add_argument("--device", default="cpu")
-    tables.add_argument("--quiet", action="store_true")
+    _add_whitening_size_options(tables, when=None)
+    tables.add_argument("--size", type=count(1), default=DEFAULT_SIZE, metavar="PX", help="shorter image side in pixels")
+    tables.add_argument("--backbone", choices=BACKBONE_NAMES, default=DEFAULT_BACKBONE, help="ImageNet classifier")
+    tables.add_argument(
+        "--compare-backbones", nargs="*", choices=BACKBONE_NAMES, default=list(BACKBONE_NAMES), metavar="NAME",
+        help="backbones for Table 1a's network comparison; those without weights here are skipped and said so "
+        "(default: all of them)",
+    )
+    tables.add_argument("--output", type=Path, metavar="FILE", help="also write the tables to this Markdown file (default: none)")
+    _add_run_options(tables)
+    tables.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    demo = commands.add_parser(
+    demo = command(
         "demo",
-        help="index real sample photos and their edited copies, search them, and score the results",
-        description="A self-contained run on scikit-image's sample photos: nothing to download or provide.",
+        "index real sample photos and their edited copies, search them, and score the results",
+        "A self-contained run on scikit-image's sample photos: nothing to download or provide.",
     )
-    demo.add_argument("--workdir", type=Path, help="keep the demo's images, PCA and index here (default: a temp folder)")
-    demo.add_argument("--size", type=int, default=DEFAULT_SIZE)
-    demo.add_argument("--top", type=int, default=5)
+    demo.add_argument("--workdir", type=Path, metavar="DIR", help="keep the demo's images, PCA and index here (default: a temporary folder)")
+    demo.add_argument("--size", type=count(1), default=DEFAULT_SIZE, metavar="PX", help="shorter image side in pixels")
+    demo.add_argument("--top", type=count(1), default=5, metavar="K", help="results shown per query")
 
-    serve = commands.add_parser(
+    serve = command(
         "serve",
-        help="a web page (and JSON API) to search an index and see why each result matched",
-        description="Serve a search page and its JSON API (docs/web.md) over an index; the model is loaded once.",
+        "a web page (and JSON API) to search an index and see why each result matched",
+        "Serve a search page and its JSON API (docs/web.md) over an index; the model is loaded once.",
     )
-    serve.add_argument("index_dir", type=Path)
+    serve.add_argument("index_dir", type=Path, help="index folder")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    serve.add_argument("--port", type=int, default=8000, help="(default: 8000)")
-    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--port", type=count(0, 65535), default=8000, help="port to listen on")
+    _add_device_option(serve)
 
-    explain = commands.add_parser(
+    explain = command(
         "explain",
-        help="draw an image's top classes' CAMs (with their ImageNet names) and its CAM region proposals",
-        description="Write a picture of an image's top classes' CAMs and its CAM region proposals.",
+        "draw an image's top classes' CAMs (with their ImageNet names) and its CAM region proposals",
+        "Write a picture of an image's top classes' CAMs and its CAM region proposals, and print its top classes "
+        "with their probabilities. With --index, the image is seen as that index sees it (its backbone, size, "
+        "weights).",
     )
-    explain.add_argument("image", type=Path)
-    explain.add_argument("--output", type=Path, help="PNG file to write (default: IMAGE_NAME.explain.png here)")
-    explain.add_argument("--classes", type=int, default=5, help="top classes shown, each with its CAM (default: 5)")
-    explain.add_argument("--box", help="x1,y1,x2,y2: explain this region's classes (as a box query)")
-    explain.add_argument("--backbone", choices=list_backbones(), default=DEFAULT_BACKBONE)
-    explain.add_argument("--weights", help="local weight file for backbones without packaged weights")
-    explain.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"shorter side seen by the network (default: {DEFAULT_SIZE})")
-    explain.add_argument("--device", default="cpu")
+    explain.add_argument("image", type=Path, help="image file")
+    explain.add_argument(
+        "--index", type=Path, metavar="DIR",
+        help="describe the image as this index does: with its backbone, size and weights (default: none: as "
+        "--backbone, --size and --weights say)",
+    )
+    explain.add_argument("--output", type=Path, metavar="FILE", help="PNG file to write (default: IMAGE_NAME.explain.png here)")
+    explain.add_argument("--classes", type=count(1), default=5, metavar="N", help="top classes shown, each with its CAM")
+    explain.add_argument(
+        "--box", type=box_text, metavar="X1,Y1,X2,Y2",
+        help="explain this region's classes (as a box query) (default: the whole image)",
+    )
+    explain.add_argument(
+        "--backbone", choices=BACKBONE_NAMES, help=f"ImageNet classifier (default: the --index's, else {DEFAULT_BACKBONE})"
+    )
+    explain.add_argument(
+        "--weights", metavar="FILE",
+        help="local weight file for backbones without packaged weights (default: the --index's, else the packaged "
+        "weights)",
+    )
+    explain.add_argument(
+        "--size", type=count(1), metavar="PX",
+        help=f"shorter side seen by the network (default: the --index's, else {DEFAULT_SIZE})",
+    )
+    _add_device_option(explain)
     return parser
 
 
@@ -274,9 +473,16 @@ def _add_class_list_option(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_benchmark_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", choices=DATASET_NAMES, help="a standard benchmark (with --data-root)")
     parser.add_argument(
-        "--data-root", type=Path, help="folder holding <name>/gnd_<name>.pkl and <name>/jpg/ (revisitop, cirtorch)"
+        "--dataset", choices=DATASET_NAMES, help="a standard benchmark, with --data-root (default: none, see --images)"
     )
-    parser.add_argument("--images", type=Path, help="a folder of label sub-folders instead of --dataset")
-    parser.add_argument("--distractors", type=Path, help="a folder of extra images added to the database")
+    parser.add_argument(
+        "--data-root", type=Path, metavar="DIR",
+        help="folder holding <name>/gnd_<name>.pkl and <name>/jpg/ (revisitop, cirtorch) (default: none)",
+    )
+    parser.add_argument(
+        "--images", type=Path, metavar="DIR", help="a folder of label sub-folders instead of --dataset (default: none)"
+    )
+    parser.add_argument(
+        "--distractors", type=Path, metavar="DIR", help="a folder of extra images added to the database (default: none)"
+    )

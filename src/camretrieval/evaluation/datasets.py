@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from camretrieval.constants import DATASET_NAMES  # importable without the data sets' dependencies
 from camretrieval.errors import CamRetrievalError
 from camretrieval.extraction.images import find_images
 
 Box = tuple[float, float, float, float]
 
 PROTOCOLS = ("classic", "revisited", "labels", "ukbench", "holidays")
-DATASET_NAMES = ("roxford5k", "rparis6k", "oxford5k", "paris6k", "ukbench", "holidays")
 
 REVISITOP_URL = "http://cmp.felk.cvut.cz/revisitop/data/datasets/{name}/gnd_{name}.pkl"
 

@@ -1,12 +1,15 @@
-"""The HTML report of ``camretrieval eval --report DIR``: :func:`write_eval_report` writes the metrics, the settings,
-each query's AP, a precision-recall plot (inline SVG, :func:`pr_curve_svg`) and, for a few queries, the query, the CAM
-heatmap of its top-2 classes (:mod:`camretrieval.explain`) and its top results.
+"""The HTML report of ``camretrieval eval --report DIR``: :func:`write_eval_report` writes the metrics (named in words,
+:func:`metric_name`), the settings, the mAP of each label (:func:`label_average_precisions`), a precision-recall plot
+(inline SVG, :func:`pr_curve_svg`), for a few queries the query, the CAM heatmap of its top-2 classes
+(:mod:`camretrieval.explain`) and its top results with their scores, and a sortable table of each query's AP. The page
+is self-contained: one inline script (the table sorting), nothing loaded from another site.
 """
 
 from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,26 +86,141 @@ def pr_curve_svg(
     return "\n".join(parts)
 
 
-def _thumbnail_file(picture: Image.Image, path: Path, side: int = 200, border: tuple | None = None) -> None:
-    picture = picture.copy()
-    picture.thumbnail((side, side))
-    if border is not None:
-        picture = ImageOps.expand(picture, border=5, fill=border)
-    picture.save(path, quality=85)
+# --- plain names of the record's metrics -------------------------------------------------------------------------
 
+_SETUP_NAMES = {"easy": "Easy", "medium": "Medium", "hard": "Hard"}
+_AP_KEY = re.compile(r"^(map|mp@(\d+))(?:_(easy|medium|hard))?$")
+_OTHER_NAMES = {
+    "ns_score": "N-S score (images of the query's group in its top 4, out of 4)",
+    "seconds_per_image": "seconds per image (decoding, network, pooling and aggregation)",
+}
+
+
+def metric_name(key: str) -> str:
+    """A metric of ``eval --json`` in words: ``map`` -> "mean average precision (mAP)", ``mp@5`` -> "mean precision
+    at 5 (mP@5)", ``map_hard`` -> "mean average precision, Hard setup (mAP Hard)"; an unknown key with spaces."""
+    match = _AP_KEY.match(key)
+    if match is None:
+        return _OTHER_NAMES.get(key, key.replace("_", " "))
+    base, k, setup = match.groups()
+    name, short = ("mean average precision", "mAP") if base == "map" else (f"mean precision at {k}", f"mP@{k}")
+    if setup is None:
+        return f"{name} ({short})"
+    return f"{name}, {_SETUP_NAMES[setup]} setup ({short} {_SETUP_NAMES[setup]})"
+
+
+def label_average_precisions(dataset: RetrievalDataset, aps: Sequence[float | None]) -> list[tuple[str, int, float | None]]:
+    """(label, queries, mean AP over those with an AP) for each label that queries share, in order of first
+    appearance; empty when the queries have no labels, or each its own (a classic Oxford query id, say)."""
+    labels = [query.label for query in dataset.queries]
+    if not labels or any(label is None for label in labels) or len(set(labels)) == len(labels):
+        return []
+    groups: dict[str, list[int]] = {}
+    for q, label in enumerate(labels):
+        groups.setdefault(str(label), []).append(q)
+    rows = []
+    for label, members in groups.items():
+        scored = [aps[q] for q in members if q < len(aps) and aps[q] is not None]
+        rows.append((label, len(members), float(np.mean(scored)) if scored else None))
+    return rows
+
+
+# --- pictures ------------------------------------------------------------------------------------------------------
+
+
+def _thumbnail(picture: Image.Image, side: int) -> tuple[Image.Image, float]:
+    """A copy at most ``side`` px on its longer side, and the scale from the picture's pixels to the copy's."""
+    thumb = picture.copy()
+    thumb.thumbnail((side, side))
+    return thumb, thumb.width / picture.width
+
+
+def draw_outlined_box(picture: Image.Image, box: Sequence[float], scale: float = 1.0) -> None:
+    """Draw ``box`` (x1, y1, x2, y2, times ``scale``) on ``picture`` as a white line 3 px wide between two dark
+    ones 2 px wide: it shows on a white sky as on a black night."""
+    x1, y1, x2, y2 = (v * scale for v in box)
+    draw = ImageDraw.Draw(picture)
+    draw.rectangle((x1 - 3, y1 - 3, x2 + 3, y2 + 3), outline=(0, 0, 0), width=7)
+    draw.rectangle((x1 - 1, y1 - 1, x2 + 1, y2 + 1), outline=(255, 255, 255), width=3)
+
+
+# --- the page ------------------------------------------------------------------------------------------------------
 
 _REPORT_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }
+body { font-family: system-ui, sans-serif; margin: 24px auto; padding: 0 16px; color: #222; max-width: 1200px; }
+nav { font-size: 14px; margin: -6px 0 12px; } nav a { margin-right: 12px; }
+.table-wrap { overflow-x: auto; }
 table { border-collapse: collapse; margin: 8px 0 20px; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; font-size: 14px; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th button { font: inherit; font-weight: 700; border: none; background: none; padding: 0; cursor: pointer; color: inherit; }
+th button::after { content: " \\2195"; color: #999; font-weight: 400; }
+th[aria-sort=ascending] button::after { content: " \\2191"; color: #222; }
+th[aria-sort=descending] button::after { content: " \\2193"; color: #222; }
+tr:target, .example:target { background: #fff6d5; }
 .bar { display: inline-block; height: 10px; background: #4a90d9; vertical-align: middle; }
+svg.pr-curve { max-width: 100%; height: auto; }
 .example { margin: 18px 0; padding: 10px; border: 1px solid #ddd; border-radius: 6px; }
+.example h3 { margin-top: 0; } .example h3 a { font-size: 13px; font-weight: 400; }
 .row { display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-start; }
 figure { margin: 0; font-size: 12px; max-width: 220px; overflow-wrap: anywhere; }
-figure img { display: block; }
+figure img { display: block; max-width: 100%; }
+.score { font-weight: 600; font-variant-numeric: tabular-nums; }
 .pos { color: #1e8e3e; } .neg { color: #c0392b; } .junk { color: #888; }
+.hint { color: #666; font-size: 13px; }
 """
+
+# Click a column's heading to sort the table by it (again: the other way); "n/a" stays last. No external script.
+_SORT_SCRIPT = """
+document.querySelectorAll("table.sortable").forEach((table) => {
+  const headings = [...table.tHead.rows[0].cells];
+  headings.forEach((heading, column) => {
+    const button = heading.querySelector("button");
+    if (!button) return;
+    button.addEventListener("click", () => {
+      const ascending = heading.getAttribute("aria-sort") !== "ascending";
+      headings.forEach((h) => h.removeAttribute("aria-sort"));
+      heading.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+      const numeric = heading.dataset.sort === "number";
+      const value = (row) => {
+        const cell = row.cells[column];
+        const text = cell.dataset.value ?? cell.textContent.trim();
+        return numeric ? (text === "" ? NaN : Number(text)) : text;
+      };
+      const rows = [...table.tBodies[0].rows];
+      rows.sort((a, b) => {
+        const x = value(a), y = value(b);
+        if (numeric) {
+          if (Number.isNaN(x) || Number.isNaN(y)) return Number.isNaN(x) - Number.isNaN(y);
+          return ascending ? x - y : y - x;
+        }
+        return ascending ? x.localeCompare(y, undefined, {numeric: true}) : y.localeCompare(x, undefined, {numeric: true});
+      });
+      table.tBodies[0].append(...rows);
+    });
+  });
+});
+"""
+
+
+def _sortable_head(columns: Sequence[tuple[str, str | None]]) -> str:
+    """A sortable table's heading: (title, "number" | "text" | None for a column that does not sort)."""
+    cells = [
+        f'<th data-sort="{kind}"><button type="button">{html.escape(title)}</button></th>'
+        if kind
+        else f"<th>{html.escape(title)}</th>"
+        for title, kind in columns
+    ]
+    return f'<div class="table-wrap"><table class="sortable"><thead><tr>{"".join(cells)}</tr></thead><tbody>'
+
+
+def _ap_cells(ap: float | None) -> str:
+    if ap is None:
+        return '<td class="num" data-value="">n/a</td><td></td>'
+    return (
+        f'<td class="num" data-value="{ap:.6f}">{ap:.4f}</td>'
+        f'<td><span class="bar" style="width:{ap * 200:.0f}px"></span></td>'
+    )
 
 
 def write_eval_report(
@@ -114,10 +232,13 @@ def write_eval_report(
     examples: int = REPORT_EXAMPLES,
     top: int = REPORT_TOP,
 ) -> Path:
-    """Write ``index.html`` (and its pictures under ``images/``) into ``directory``: the metrics, the settings, each
-    query's AP, a precision-recall plot (inline SVG), and for a few queries (the worst and the best by AP) the query,
-    the CAM heatmap of its top-2 classes and its top results, green-bordered when positive, red when negative, grey
-    when junk. ``result.similarity`` (queries x database) must be kept: ``evaluate_variants(keep_similarity=True)``."""
+    """Write ``index.html`` (and its pictures under ``images/``) into ``directory``: the metrics (in words), the
+    settings, the mAP of each label (for sets whose queries share labels), a precision-recall plot (inline SVG), for a
+    few queries (the worst and the best by AP) the query, the CAM heatmap of its top-2 classes and its top results
+    (the query itself left out) with their scores, green-bordered when positive, red when negative, grey when junk,
+    and a sortable table of every query's AP whose rows link to those examples. One self-contained page: its only
+    script is inline, and it loads nothing from elsewhere. ``result.similarity`` (queries x database) must be kept:
+    ``evaluate_variants(keep_similarity=True)``."""
     similarity = getattr(result, "similarity", None)
     if similarity is None:
         raise CamRetrievalError("the report needs the similarity matrix: evaluate with keep_similarity=True")
@@ -125,68 +246,117 @@ def write_eval_report(
     images_dir = directory / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     aps = [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in record.get("aps", [])]
-    rankings = np.argsort(-np.asarray(similarity, dtype=np.float64), axis=1, kind="stable")
+    similarity = np.asarray(similarity, dtype=np.float64)
+    rankings = np.argsort(-similarity, axis=1, kind="stable")
     curves, relevance = [], []
     for q, entry in enumerate(dataset.gnd):
         positives, junk = _relevance(entry, dataset.protocol)
         relevance.append((positives, junk))
         if positives:
             curves.append(precision_recall(rankings[q], positives, junk))
-    name = html.escape(dataset.name)
-    parts = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>camretrieval eval: {name}</title><style>{_REPORT_STYLE}</style></head><body>",
-        f"<h1>{name}: {html.escape(result.variant.name)}</h1>",
-        f"<p>{len(dataset.images)} database images, {len(dataset.queries)} queries, "
-        f"protocol {html.escape(dataset.protocol)}.</p>",
-        "<h2>Results</h2>",
-        "<table><tr><th>metric</th><th>value</th></tr>",
-    ]
-    for key, value in record.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            parts.append(f'<tr><td>{html.escape(key)}</td><td class="num">{value:.4f}</td></tr>')
-    parts.append("</table>")
-    settings = record.get("settings", {})
-    parts.append("<table><tr><th>setting</th><th>value</th></tr>")
-    parts += [f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items()]
-    parts.append("</table>")
-    parts.append("<h2>Precision-recall</h2>")
-    parts.append(
-        pr_curve_svg(curves, f"{dataset.name}: {len(curves)} queries, mAP {record.get('map', float('nan')):.3f}")
-    )
+    label_rows = label_average_precisions(dataset, aps)
     scored = [q for q, ap in enumerate(aps) if ap is not None]
     order = sorted(scored, key=lambda q: aps[q])  # type: ignore[arg-type, return-value]
     worst = order[: (examples + 1) // 2]
     best = [q for q in reversed(order) if q not in worst][: examples // 2]
-    if worst or best:
-        parts.append("<h2>Examples</h2>")
+    shown = {q: f"worst {i}" for i, q in enumerate(worst, start=1)} | {q: f"best {i}" for i, q in enumerate(best, start=1)}
+
+    name = html.escape(dataset.name)
+    sections = [("results", "Results")] + ([("labels", "mAP per label")] if label_rows else [])
+    sections += [("precision-recall", "Precision-recall")] + ([("examples", "Examples")] if shown else [])
+    sections.append(("queries", "AP per query"))
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>camretrieval eval: {name}</title><style>{_REPORT_STYLE}</style></head><body>",
+        f"<h1>{name}: {html.escape(result.variant.name)}</h1>",
+        "<nav>" + "".join(f'<a href="#{anchor}">{title}</a>' for anchor, title in sections) + "</nav>",
+        f"<p>{len(dataset.images)} database images, {len(dataset.queries)} queries, "
+        f"protocol {html.escape(dataset.protocol)}.</p>",
+        '<h2 id="results">Results</h2>',
+        '<div class="table-wrap"><table class="metrics"><tr><th>metric</th><th>value</th></tr>',
+    ]
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(
+                f'<tr title="{html.escape(key)} in eval --json"><td>{html.escape(metric_name(key))}</td>'
+                f'<td class="num">{value:.4f}</td></tr>'
+            )
+    parts.append("</table></div>")
+    settings = record.get("settings", {})
+    parts.append('<div class="table-wrap"><table><tr><th>setting</th><th>value</th></tr>')
+    parts += [f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items()]
+    parts.append("</table></div>")
+    if label_rows:
+        parts.append('<h2 id="labels">Mean average precision per label</h2>')
+        parts.append(
+            '<p class="hint">Each label\'s queries (its images, each queried against all the others), their mean AP. '
+            "Click a heading to sort.</p>"
+        )
+        parts.append(_sortable_head([("label", "text"), ("queries", "number"), ("mAP", "number"), ("", None)]))
+        for label, count, label_map in label_rows:
+            parts.append(
+                f'<tr><td>{html.escape(label)}</td><td class="num" data-value="{count}">{count}</td>'
+                f"{_ap_cells(label_map)}</tr>"
+            )
+        parts.append("</tbody></table></div>")
+    parts.append('<h2 id="precision-recall">Precision-recall</h2>')
+    parts.append(
+        pr_curve_svg(curves, f"{dataset.name}: {len(curves)} queries, mAP {record.get('map', float('nan')):.3f}")
+    )
+    if shown:
+        parts.append('<h2 id="examples">Examples</h2>')
         parts.append(
             "<p>The worst and the best queries by AP: the query (its box in white), the heatmap of its top-2 classes, "
-            'and its top results: <span class="pos">green: positive</span>, <span class="neg">red: negative</span>, '
+            "and its top results with their cosine similarity to the query (the query itself left out): "
+            '<span class="pos">green: positive</span>, <span class="neg">red: negative</span>, '
             '<span class="junk">grey: junk (not counted)</span>.</p>'
         )
     for q in worst + best:
-        parts.append(_report_example(q, dataset, rankings[q], relevance[q], aps[q], describer, images_dir, top))
-    parts.append("<h2>Average precision per query</h2>")
-    parts.append("<table><tr><th>#</th><th>query</th><th>AP</th><th></th></tr>")
-    names = record.get("query_names") or [query.name for query in dataset.queries]
-    for q, ap in enumerate(aps):
-        value = "n/a" if ap is None else f"{ap:.4f}"
-        bar = "" if ap is None else f'<span class="bar" style="width:{ap * 200:.0f}px"></span>'
         parts.append(
-            f'<tr><td>{q}</td><td>{html.escape(str(names[q]))}</td><td class="num">{value}</td><td>{bar}</td></tr>'
+            _report_example(
+                q, shown[q], dataset, rankings[q], similarity[q], relevance[q], aps[q], describer, images_dir, top
+            )
         )
-    parts.append("</table></body></html>")
+    parts.append('<h2 id="queries">Average precision per query</h2>')
+    parts.append('<p class="hint">Click a heading to sort; the queries shown above link to their example.</p>')
+    names = record.get("query_names") or [query.name for query in dataset.queries]
+    columns: list[tuple[str, str | None]] = [("#", "number"), ("query", "text")]
+    columns += [("label", "text")] if label_rows else []
+    columns += [("AP", "number"), ("", None), ("example", "text")]
+    parts.append(_sortable_head(columns))
+    for q, ap in enumerate(aps):
+        query_cell = html.escape(str(names[q]))
+        example = ""
+        if q in shown:
+            query_cell = f'<a href="#example-{q}">{query_cell}</a>'
+            example = f'<a href="#example-{q}">{shown[q]}</a>'
+        label = f"<td>{html.escape(str(dataset.queries[q].label))}</td>" if label_rows else ""
+        parts.append(
+            f'<tr id="query-{q}"><td class="num" data-value="{q}">{q}</td><td>{query_cell}</td>{label}'
+            f"{_ap_cells(ap)}<td>{example}</td></tr>"
+        )
+    parts.append("</tbody></table></div>")
+    parts.append(f"<script>{_SORT_SCRIPT}</script></body></html>")
     page = directory / "index.html"
     page.write_text("\n".join(parts), encoding="utf-8")
     return page
 
 
+def _query_itself(dataset: RetrievalDataset, q: int) -> set[int]:
+    """The database indices of query ``q``'s own image (its db_index, or the same file), left out of its results."""
+    query = dataset.queries[q]
+    own = {query.db_index} if query.db_index is not None else set()
+    return own | {i for i, path in enumerate(dataset.images) if path == query.path}
+
+
 def _report_example(
     q: int,
+    title: str,
     dataset: RetrievalDataset,
     ranking: np.ndarray,
+    scores: np.ndarray,
     relevance: tuple[set[int], set[int]],
     ap: float | None,
     describer: Describer,
@@ -196,18 +366,21 @@ def _report_example(
     query = dataset.queries[q]
     positives, junk = relevance
     query_path = dataset.query_path(q)
-    parts = [f'<div class="example"><h3>query {q}: {html.escape(query.name)} (AP {ap:.3f})</h3><div class="row">']
+    ap_text = "n/a" if ap is None else f"{ap:.3f}"
+    parts = [
+        f'<div class="example" id="example-{q}"><h3>{html.escape(title)}: query {q}, {html.escape(query.name)} '
+        f'(AP {ap_text}) <a href="#query-{q}">its row in the table</a></h3><div class="row">'
+    ]
     try:
         picture = describer.load(query_path)
         classes = top_class_scores(describer, picture, query.box, PROPOSAL_CLASSES)
         proposals = compute_region_proposals(describer, picture, classes=[c.index for c in classes])
         overlay = heatmap_overlay(proposals)
         for suffix, image in (("query", picture), ("cam", overlay)):
-            target = images_dir / f"q{q}_{suffix}.jpg"
-            framed = image.copy()
+            thumb, scale = _thumbnail(image, 220)
             if query.box is not None:
-                ImageDraw.Draw(framed).rectangle(query.box, outline=(255, 255, 255), width=max(2, picture.width // 150))
-            _thumbnail_file(framed, target, 220)
+                draw_outlined_box(thumb, query.box, scale)
+            thumb.save(images_dir / f"q{q}_{suffix}.jpg", quality=90)
         caption = " + ".join(html.escape(c.name) for c in classes)
         parts.append(f'<figure><img src="images/q{q}_query.jpg" alt="query"><figcaption>query</figcaption></figure>')
         parts.append(
@@ -216,23 +389,35 @@ def _report_example(
     except CamRetrievalError as error:
         parts.append(f"<p>query image unusable: {html.escape(str(error))}</p>")
     parts.append('</div><div class="row">')
-    for rank, i in enumerate(ranking[:top].tolist(), start=1):
+    own = _query_itself(dataset, q)
+    results = [i for i in ranking[: top + len(own)].tolist() if i not in own][:top]
+    words = {"pos": "positive", "neg": "negative", "junk": "junk"}
+    for rank, i in enumerate(results, start=1):
         kind = "pos" if i in positives else "junk" if i in junk else "neg"
         colour = {"pos": (30, 170, 60), "neg": (210, 40, 40), "junk": (150, 150, 150)}[kind]
         target = images_dir / f"q{q}_r{rank}.jpg"
         try:
             with Image.open(dataset.image_path(i)) as image:
                 image.draft("RGB", (300, 300))
-                _thumbnail_file(to_rgb(image), target, 150, border=colour)
-            img = f'<img src="images/{target.name}" alt="{kind}">'
+                thumb, _ = _thumbnail(to_rgb(image), 150)
+            ImageOps.expand(thumb, border=5, fill=colour).save(target, quality=85)
+            img = f'<img src="images/{target.name}" alt="{words[kind]}">'
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             img = f"<p>unreadable: {html.escape(str(error))}</p>"
         parts.append(
-            f'<figure class="{kind}">{img}<figcaption>{rank}. <span class="{kind}">{kind}</span> '
-            f"{html.escape(dataset.images[i])}</figcaption></figure>"
+            f'<figure class="{kind}" data-index="{i}">{img}<figcaption>{rank}. <span class="{kind}">{words[kind]}</span> '
+            f'<span class="score">{float(scores[i]):.3f}</span><br>{html.escape(dataset.images[i])}</figcaption></figure>'
         )
     parts.append("</div></div>")
     return "\n".join(parts)
 
 
-__all__ = ["REPORT_EXAMPLES", "REPORT_TOP", "pr_curve_svg", "write_eval_report"]
+__all__ = [
+    "REPORT_EXAMPLES",
+    "REPORT_TOP",
+    "draw_outlined_box",
+    "label_average_precisions",
+    "metric_name",
+    "pr_curve_svg",
+    "write_eval_report",
+]

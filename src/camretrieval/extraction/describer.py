@@ -47,8 +47,11 @@ from camretrieval.method.whitening import PCAWhitening, WhiteningFileError
 
 @dataclass
 class FileFailure:
+    """A file that could not be described, and why; ``retry``: the reason may pass (missing, no permission)."""
+
     path: str
     reason: str
+    retry: bool = False
 
 
 class Describer:
@@ -104,7 +107,7 @@ class Describer:
             raise CamRetrievalError(f"the number of classes must be at least 1, got {n_classes}")
         if precision not in PRECISIONS:
             raise CamRetrievalError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        self.device = torch.device(device)
+        self.device = _usable_device(device)
         # Channels-last ("NHWC") lets the convolutions use their fastest kernels on CPU and on GPU tensor cores.
         self.backbone = backbone.to(self.device).to(memory_format=torch.channels_last).eval()
         self.precision = precision
@@ -238,7 +241,7 @@ class Describer:
                 by_shape: dict[tuple[int, ...], list] = {}
                 for item in batch:
                     if item.tensor is None:
-                        failures.append(FileFailure(str(paths[item.index]), item.error or "unreadable"))
+                        failures.append(FileFailure(str(paths[item.index]), item.error or "unreadable", item.retry))
                         bar.write(f"skipped {paths[item.index]}: {item.error}", file=sys.stderr)
                     else:
                         by_shape.setdefault(tuple(item.tensor.shape), []).append(item)
@@ -287,6 +290,19 @@ class Describer:
             return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), failures
         owners = np.concatenate([np.full(len(vectors), index) for index, vectors in zip(done, rows)])
         return np.concatenate(rows).astype(np.float32), owners, failures
+
+
+def _usable_device(device: str | torch.device) -> torch.device:
+    """``device`` as torch names it, or an error saying why it cannot be used here."""
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise CamRetrievalError(f"unknown device {device!r} ({error}): use cpu, cuda or cuda:N") from error
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise CamRetrievalError(f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise CamRetrievalError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices here")
+    return chosen
 
 
 def in_path_order(batches: Iterator[tuple[list[int], torch.Tensor]]) -> tuple[list[int], list[np.ndarray]]:

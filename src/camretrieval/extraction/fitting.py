@@ -5,6 +5,7 @@ record the extraction settings they were learned with, so they are applied only 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from camretrieval.extraction.describer import Describer, FileFailure, in_path_or
 from camretrieval.extraction.settings import ExtractionSettings
 from camretrieval.method.cams import class_logits, top_classes
 from camretrieval.method.class_list import DEFAULT_LENGTH, DEFAULT_TOP, ClassList, most_frequent_classes
-from camretrieval.method.whitening import PCAWhitening
+from camretrieval.method.whitening import DEFAULT_SHRINKAGE, PCAWhitening, supported_dim
 
 
 def fit_whitening(
@@ -29,15 +30,38 @@ def fit_whitening(
     batch_size: int = 16,
     workers: int = 2,
     progress: bool = True,
+    shrinkage: float | None = None,
 ) -> tuple[PCAWhitening, list[FileFailure]]:
     """Learn PCA-whitening on the top-``n_pca`` class vectors of every image (METHOD.md section 3; with a class list,
     the vectors of its first ``n_pca`` classes, as the descriptor aggregates them), or for a baseline pooling on its
-    vectors (every region for R-MAC)."""
+    vectors (every region for R-MAC).
+
+    ``shrinkage`` (:class:`~camretrieval.method.whitening.PCAWhitening`): None chooses it from the count of training
+    vectors, known before any image is described: the paper's plain whitening (0) when they are more than ``dim``,
+    else :data:`~camretrieval.method.whitening.DEFAULT_SHRINKAGE`, which is said with ``progress``."""
+    if dim < 1 or n_pca < 1:
+        raise CamRetrievalError(f"the whitening's dimensions and class vectors per image must be at least 1: {dim}, {n_pca}")
+    if shrinkage is None:
+        shrinkage = whitening_shrinkage(dim, len(paths), n_pca, describer.pooling)
+        if shrinkage and progress:
+            print(
+                f"note: {len(paths)} images x {n_pca} class vectors are too few for a plain {dim}-d whitening: it is "
+                f"regularised (eigenvalues raised by {shrinkage:g} x their mean; docs/method.md)",
+                file=sys.stderr,
+            )
     vectors, owners, failures = describer.vectors_of_files(paths, n_pca, root, batch_size, workers, progress)
     if len(vectors) == 0:
         raise CamRetrievalError("no usable images to learn the PCA-whitening from")
-    whitening = PCAWhitening(dim, whitening_settings(describer.settings, describer.backbone, n_pca, len(np.unique(owners))))
-    return whitening.fit(vectors), failures
+    settings = whitening_settings(describer.settings, describer.backbone, n_pca, len(np.unique(owners)))
+    return PCAWhitening(dim, settings, shrinkage).fit(vectors), failures
+
+
+def whitening_shrinkage(dim: int, n_images: int, n_pca: int, pooling: str = "cam") -> float:
+    """The shrinkage :func:`fit_whitening` chooses: 0 (the paper's whitening) when the ``n_images`` x ``n_pca``
+    training vectors are more than ``dim``, else :data:`~camretrieval.method.whitening.DEFAULT_SHRINKAGE`."""
+    if pooling == "rmac":  # one vector per region: many more vectors than images
+        return 0.0
+    return 0.0 if supported_dim(dim, n_images * n_pca, dim) >= dim else DEFAULT_SHRINKAGE
 
 
 def whitening_settings(settings: ExtractionSettings, backbone: Backbone, n_pca: int, n_images: int) -> dict:

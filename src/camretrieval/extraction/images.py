@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.transforms import functional as TF
 
 from camretrieval.errors import CamRetrievalError
 
@@ -18,7 +17,12 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", 
 
 
 class ImageError(CamRetrievalError):
-    """An image that cannot be used: unreadable, corrupt, or too small."""
+    """An image that cannot be used: unreadable, corrupt, or too small. ``retry``: the file could not be read for a
+    reason that may pass (missing, no permission): worth trying again even if it has not changed."""
+
+    def __init__(self, message: str, retry: bool = False) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 def find_images(root: str | Path) -> list[str]:
@@ -66,7 +70,9 @@ def load_image(path: str | Path) -> Image.Image:
             image.load()  # decode now: a truncated file fails here, not later
             return to_rgb(image)
     except FileNotFoundError as error:
-        raise ImageError("file not found (moved or deleted?)") from error
+        raise ImageError("file not found (moved or deleted?)", retry=True) from error
+    except (PermissionError, NotADirectoryError) as error:
+        raise ImageError(f"cannot be read ({error.strerror or error})", retry=True) from error
     except UnidentifiedImageError as error:
         reason = "empty file" if Path(path).stat().st_size == 0 else "not an image Pillow can read"
         raise ImageError(reason) from error
@@ -117,9 +123,21 @@ def check_image_size(width: int, height: int, min_side: int) -> None:
 
 
 def preprocess(image: Image.Image, size: int, mean, std) -> torch.Tensor:
-    """Resize the shorter side to ``size`` (aspect kept), then a normalised 3 x H x W float tensor."""
-    resized = TF.resize(image, [size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    return TF.normalize(TF.to_tensor(resized), mean, std)
+    """Resize the shorter side to ``size`` (aspect kept), then a normalised 3 x H x W float tensor.
+
+    Bit for bit torchvision's ``normalize(to_tensor(resize(image, [size], BILINEAR, antialias=True)), mean, std)``
+    (tests/test_preprocess.py checks it on real photos), with Pillow and torch alone: importing torchvision costs
+    seconds that a search does not need to pay."""
+    width, height = image.size
+    new_size = resized_size(width, height, size)
+    if new_size != (width, height):  # torchvision leaves an image of the right size as it is
+        image = image.resize(new_size, Image.Resampling.BILINEAR)  # Pillow's bilinear filter antialiases
+    pixels = torch.from_numpy(np.array(image, np.uint8, copy=True))
+    pixels = pixels.view(image.height, image.width, len(image.getbands())).permute(2, 0, 1).contiguous()
+    tensor = pixels.to(dtype=torch.get_default_dtype()).div(255)
+    mean = torch.as_tensor(mean, dtype=tensor.dtype).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=tensor.dtype).view(-1, 1, 1)
+    return tensor.sub_(mean).div_(std)
 
 
 @dataclass
@@ -130,6 +148,7 @@ class LoadedImage:
     tensor: torch.Tensor | None
     original_size: tuple[int, int] | None  # (width, height) before resizing
     error: str | None = None
+    retry: bool = False  # the error may pass (see ImageError.retry)
 
 
 class ImageFileDataset(Dataset):
@@ -151,7 +170,7 @@ class ImageFileDataset(Dataset):
             check_image_size(*image.size, self.min_side)
             return LoadedImage(index, preprocess(image, self.size, self.mean, self.std), image.size)
         except ImageError as error:
-            return LoadedImage(index, None, None, str(error))
+            return LoadedImage(index, None, None, str(error), error.retry)
 
 
 def collate_loaded(items: list[LoadedImage]) -> list[LoadedImage]:

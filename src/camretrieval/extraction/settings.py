@@ -14,16 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from camretrieval.constants import (  # defined there, importable without torch (the command line's defaults)
+    DEFAULT_BACKBONE,
+    DEFAULT_CLASSES,
+    DEFAULT_POOLING,
+    DEFAULT_SIZE,
+    PRECISIONS,
+)
 from camretrieval.method.class_list import ClassList
 from camretrieval.method.whitening import PCAWhitening
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
-DEFAULT_SIZE = 448
-DEFAULT_CLASSES = 64
-DEFAULT_POOLING = "cam"
-# The backbone's forward pass: float32, or autocast to bfloat16 / float16 (for GPUs: about twice the images per
-# second; the CAM arithmetic stays float32). How fast, not what: not part of the settings.
-PRECISIONS = ("float32", "bfloat16", "float16")
+__all__ = ["DEFAULT_BACKBONE", "DEFAULT_CLASSES", "DEFAULT_POOLING", "DEFAULT_SIZE", "PRECISIONS", "VECTOR_KEYS",
+           "ExtractionSettings"]
 
 # The settings that determine the vectors a whitening is learned on and applied to (N_c and the weights file's
 # location do not: a whitening learned on top-1 class vectors serves any N_c).

@@ -17,12 +17,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from camretrieval.constants import DEFAULT_RERANK_CLASSES  # noqa: F401 - N_re, re-exported (defined without torch)
 from camretrieval.method.cams import class_activation_maps, normalize_cams, resize_cams, scale_by_peak
 from camretrieval.method.feature_maps import FeatureMaps, crop_maps
 from camretrieval.method.pooling import channel_weights, channel_weights_from_fractions, class_vectors
 from camretrieval.method.regions import CellBox
-
-DEFAULT_RERANK_CLASSES = 6  # N_re of the paper: the query classes a candidate's regions are described with
 
 
 def cell_major_cams(cam_activations: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:

@@ -27,14 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from camretrieval.constants import DEFAULT_LENGTH, DEFAULT_TOP  # noqa: F401 - N and L, re-exported (defined without torch)
 from camretrieval.errors import CamRetrievalError
 from camretrieval.method import cams
 from camretrieval.method.cams import top_classes
 
 FORMAT = "camretrieval-class-list"
 FORMAT_VERSION = 1
-DEFAULT_TOP = 64  # N: classes counted per example image (the descriptor's default N_c)
-DEFAULT_LENGTH = 64  # L: classes kept
 
 
 class ClassListError(CamRetrievalError):

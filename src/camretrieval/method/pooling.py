@@ -14,20 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from camretrieval.constants import POOLINGS  # the names and descriptions, importable without torch
 from camretrieval.errors import CamRetrievalError
 from camretrieval.method.cams import class_activation_maps, class_logits, normalize_cams, resize_cams, top_classes
 from camretrieval.method.feature_maps import FeatureMaps
-
-# How an image's maps become the vectors that are whitened, l2-normalised and summed into D_I (section 3).
-POOLINGS = {
-    "cam": "class-weighted: one vector per top class (Eq. 4), the paper's method",
-    "sum": "sum pooling of the raw features (SPoC without centre prior, the paper's 'raw')",
-    "sum-cw": "sum pooling times the CroW channel weights (the paper's 'raw + CroW')",
-    "crow": "CroW: spatial and channel weights",
-    "mac": "MAC: max pooling",
-    "gem": "GeM: generalised mean, p = 3",
-    "rmac": "R-MAC: max pooling of a 3-level grid of regions, each region whitened",
-}
 
 
 def channel_weights(features: torch.Tensor) -> torch.Tensor:

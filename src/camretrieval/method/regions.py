@@ -19,7 +19,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from camretrieval.errors import CamRetrievalError
 from camretrieval.method.cams import class_activation_maps, class_logits, normalize_cams, top_classes
@@ -121,6 +120,8 @@ def _check_thresholds(thresholds: Sequence[float]) -> np.ndarray:
 def _largest_component_boxes(masks: np.ndarray) -> list[CellBox | None]:
     """The bounding box of the largest 8-connected component of each boolean mask of ``masks`` (N x H x W), or None
     where a mask is empty. Largest = most cells; ties go to the component met first in raster order."""
+    from scipy import ndimage  # here: a plain search (no region proposals) does not pay for importing SciPy
+
     labels, count = ndimage.label(masks, structure=_PLANE_8_CONNECTIVITY)
     boxes: list[CellBox | None] = [None] * masks.shape[0]
     if count == 0:

@@ -134,7 +134,7 @@ class Index:
         )
         if report.total == 0:
             raise CamRetrievalError(
-                f"none of the {report.added + report.updated} images under {image_root} could be read"
+                f"none of the {report.added + report.updated + report.retried} images under {image_root} could be read"
             )
         index = cls.open(index_dir, device)
         index._temporary = temporary
@@ -191,6 +191,8 @@ class Index:
         """Exact cosine-similarity search: (scores Q x k, database indices Q x k), best first."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         top = min(top, len(self))
+        if top < 1:  # an index whose images were all removed finds nothing (FAISS asks for k > 0)
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         return self.faiss_index.search(queries, top)
 
     def search(

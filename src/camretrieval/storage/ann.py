@@ -19,10 +19,10 @@ import math
 import faiss
 import numpy as np
 
+# ANN_KINDS: the approximate index kinds of :func:`build_search_index` (``None`` is exact search); defined in
+# camretrieval.constants, importable without FAISS (the command line's choices).
+from camretrieval.constants import ANN_KINDS
 from camretrieval.errors import CamRetrievalError
-
-ANN_KINDS = ("hnsw", "ivfpq")
-"""The approximate index kinds of :func:`build_search_index` (``None`` is exact search)."""
 
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80

@@ -37,6 +37,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import faiss
 import numpy as np
@@ -51,6 +52,9 @@ CATALOG = "catalog.sqlite"
 SHARDS = "shards"
 LOCK = "writer.lock"
 ANN = "ann.faiss"
+# Starts the recorded error of a file that failed for a reason that may pass (missing, no permission): such a file
+# is tried again at the next run even if it has not changed (known_files says "retry").
+RETRY_MARK = "[retry] "
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -71,6 +75,26 @@ CREATE INDEX IF NOT EXISTS images_by_shard ON images (shard);
 
 class IndexFileError(CamRetrievalError):
     """An index folder that is missing, damaged, from an incompatible version, or busy with another writer."""
+
+
+def path_to_sql(path: str) -> str | bytes:
+    """A file name as the catalog stores it: text when it is valid UTF-8, else the bytes the file system has (a name
+    that is not UTF-8 reaches Python as a str with surrogate escapes, which SQLite's text cannot hold)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
+def path_from_sql(value: str | bytes) -> str:
+    """The file name :func:`path_to_sql` stored, as Python names that file (:func:`os.fsdecode`)."""
+    return value if isinstance(value, str) else os.fsdecode(value)
+
+
+def _printable(text: str) -> str:
+    """Text SQLite can store: a file name's undecodable bytes (surrogate escapes) shown as escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def rebuild_hint(directory: Path) -> str:
@@ -130,7 +154,7 @@ class IndexStore:
             raise IndexFileError(
                 f"no camretrieval index at {directory} ({CATALOG} missing): build one with {rebuild_hint(directory)}"
             )
-        store = cls(directory, _connect(directory / CATALOG))
+        store = cls(directory, _connect(directory / CATALOG, read_only=not _writable(directory)))
         store._check_format()
         return store
 
@@ -149,13 +173,25 @@ class IndexStore:
                     "delete that folder or index into a new one"
                 )
             raise IndexFileError(f"{directory} is not empty and holds no camretrieval index: choose another folder")
-        (directory / SHARDS).mkdir(parents=True, exist_ok=True)
-        lock_file = _acquire_writer_lock(directory / LOCK)
+        try:
+            (directory / SHARDS).mkdir(parents=True, exist_ok=True)
+            if not _writable(directory):
+                raise PermissionError(f"{directory} is read-only")
+            lock_file = _acquire_writer_lock(directory / LOCK)
+        except OSError as error:  # a read-only file system or folder, a lock that is not a file, ...
+            raise IndexFileError(
+                f"cannot write to the index at {directory} ({error.strerror or error}): index into a folder you can "
+                "write to (searching a read-only index works)"
+            ) from error
         lock_file.seek(0)
         lock_file.truncate()
         lock_file.write(f"process {os.getpid()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})")
         lock_file.flush()
-        store = cls(directory, _connect(directory / CATALOG))
+        try:
+            store = cls(directory, _connect(directory / CATALOG))
+        except BaseException:
+            lock_file.close()
+            raise
         store._lock_file = lock_file
         try:
             store.connection.executescript(_SCHEMA)
@@ -164,6 +200,11 @@ class IndexStore:
             store._check_format()
             store.delete_unused_files()
             yield store
+        except sqlite3.DatabaseError as error:  # a damaged page of the catalog, met anywhere while writing
+            raise IndexFileError(
+                f"the catalog of {directory} is damaged ({error}): it is the index's source of truth and cannot be "
+                f"repaired; move {directory} away and run camretrieval index again to rebuild it"
+            ) from error
         finally:
             store.connection.close()
             lock_file.seek(0)
@@ -236,22 +277,27 @@ class IndexStore:
         shards: dict[str, int] = {}
         shard_of = [shards.setdefault(shard, len(shards)) for _, shard, _ in rows]
         return Snapshot(
-            meta, [path for path, _, _ in rows], list(shards), shard_of, [row for *_, row in rows], meta["generation"]
+            meta, [path_from_sql(path) for path, _, _ in rows], list(shards), shard_of, [row for *_, row in rows],
+            meta["generation"],
         )
 
     def known_files(self) -> dict[str, tuple[FileState, str]]:
-        """Every file the catalog knows: path -> (its state when described, status)."""
-        return {
-            path: (FileState(size, mtime_ns), status)
-            for path, size, mtime_ns, status in self.connection.execute("SELECT path, size, mtime_ns, status FROM images")
-        }
+        """Every file the catalog knows: path -> (its state when described, status): "done", "failed" (it could not
+        be decoded: skipped until it changes), or "retry" (it could not be read: tried again at the next run)."""
+        rows = self.connection.execute(
+            "SELECT path, size, mtime_ns, CASE WHEN status = 'failed' AND substr(error, 1, ?) = ? THEN 'retry' "
+            "ELSE status END FROM images",
+            (len(RETRY_MARK), RETRY_MARK),
+        )
+        return {path_from_sql(path): (FileState(size, mtime_ns), status) for path, size, mtime_ns, status in rows}
 
     def count_done(self) -> int:
         """How many images the index holds."""
         return self.connection.execute("SELECT COUNT(*) FROM images WHERE status = 'done'").fetchone()[0]
 
     def failures(self) -> list[tuple[str, str]]:
-        return self.connection.execute("SELECT path, error FROM images WHERE status = 'failed' ORDER BY path").fetchall()
+        rows = self.connection.execute("SELECT path, error FROM images WHERE status = 'failed' ORDER BY path")
+        return [(path_from_sql(path), error) for path, error in rows]
 
     def shard_path(self, name: str) -> Path:
         return self.directory / SHARDS / name
@@ -282,12 +328,12 @@ class IndexStore:
             connection.executemany(
                 "INSERT OR REPLACE INTO images (path, size, mtime_ns, status, shard, row, error, updated) "
                 "VALUES (?, ?, ?, 'done', ?, ?, NULL, ?)",
-                [(path, state.size, state.mtime_ns, shard, row, now) for path, state, row in done],
+                [(path_to_sql(path), state.size, state.mtime_ns, shard, row, now) for path, state, row in done],
             )
             connection.executemany(
                 "INSERT OR REPLACE INTO images (path, size, mtime_ns, status, shard, row, error, updated) "
                 "VALUES (?, ?, ?, 'failed', NULL, NULL, ?, ?)",
-                [(path, state.size, state.mtime_ns, error, now) for path, state, error in failed],
+                [(path_to_sql(path), state.size, state.mtime_ns, _printable(error), now) for path, state, error in failed],
             )
             self._bump_generation(connection)
 
@@ -310,7 +356,7 @@ class IndexStore:
         with self.transaction() as connection:
             removed = 0
             for path in paths:
-                removed += connection.execute("DELETE FROM images WHERE path = ?", (path,)).rowcount
+                removed += connection.execute("DELETE FROM images WHERE path = ?", (path_to_sql(path),)).rowcount
             if removed:
                 self._bump_generation(connection)
         return removed
@@ -355,7 +401,7 @@ class IndexStore:
             generation = json.loads(connection.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
             connection.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('ann', ?)",
-                (json.dumps(settings | {"generation": generation}),),
+                (json.dumps(settings | {"generation": generation, "bytes": int(data.nbytes)}),),
             )
 
     def load_ann(self, snapshot: Snapshot) -> faiss.Index | None:
@@ -418,8 +464,24 @@ def _holder_alive(holder: str) -> bool:
     return True
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _writable(directory: Path) -> bool:
+    """Whether this process may create files in ``directory`` (False on a read-only file system)."""
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
+def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
+    """The catalog's connection. ``read_only``: an index in a folder this process cannot write to (a read-only file
+    system), where no writer can exist: opened read-only, and immutable when SQLite cannot read its write-ahead log
+    there (it would have to create its index file), so a sound index stays searchable."""
     try:
+        if read_only:
+            uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+            try:
+                connection = sqlite3.connect(uri, uri=True, isolation_level=None)
+                connection.execute("SELECT COUNT(*) FROM meta").fetchone()
+                return connection
+            except sqlite3.OperationalError:
+                return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
         connection = sqlite3.connect(path, timeout=60, isolation_level=None)  # transactions are explicit
         connection.execute("PRAGMA journal_mode = WAL")  # readers never wait for the writer, nor it for them
         connection.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns

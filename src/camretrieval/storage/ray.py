@@ -23,14 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from camretrieval.constants import DEFAULT_RAY_WORKERS
 from camretrieval.errors import CamRetrievalError
 from camretrieval.extraction.describer import Describer
 from camretrieval.extraction.settings import ExtractionSettings
 from camretrieval.method.whitening import PCAWhitening
 from camretrieval.storage.catalog import FileState
 from camretrieval.storage.shards import ShardResult, describe_in_shards
-
-DEFAULT_RAY_WORKERS = 2
 
 
 def _ray():

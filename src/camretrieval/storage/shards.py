@@ -23,7 +23,15 @@ import numpy as np
 from camretrieval.errors import CamRetrievalError
 from camretrieval.extraction.describer import Describer, FileFailure
 from camretrieval.method.whitening import PCAWhitening
-from camretrieval.storage.catalog import SHARDS, FileState, IndexFileError, IndexStore, Snapshot, rebuild_hint
+from camretrieval.storage.catalog import (
+    RETRY_MARK,
+    SHARDS,
+    FileState,
+    IndexFileError,
+    IndexStore,
+    Snapshot,
+    rebuild_hint,
+)
 from camretrieval.storage.files import fsync_directory
 from camretrieval.storage.maps import MapStore, MapStoreWriter
 
@@ -95,6 +103,12 @@ class ShardResult:
     dim: int | None  # the descriptors' dimension
 
 
+def failure_record(failure: FileFailure) -> str:
+    """The error the catalog records for a file that failed: marked (:data:`RETRY_MARK`) when the reason may pass,
+    so that the next run tries the file again even if it has not changed."""
+    return RETRY_MARK + failure.reason if failure.retry else failure.reason
+
+
 def describe_in_shards(
     describer: Describer,
     image_root: Path,
@@ -121,7 +135,7 @@ def describe_in_shards(
 
     def complete() -> ShardResult:
         nonlocal shard, reported
-        failed = [(f.path, states[f.path], f.reason) for f in failures[reported:] if f.path in states]
+        failed = [(f.path, states[f.path], failure_record(f)) for f in failures[reported:] if f.path in states]
         if shard is None:
             result = ShardResult(None, [], failed, None)
         else:

@@ -19,18 +19,22 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from camretrieval.constants import DEFAULT_COMMIT_EVERY
 from camretrieval.errors import CamRetrievalError
 from camretrieval.extraction.describer import Describer, FileFailure
+from camretrieval.extraction.fitting import fit_whitening
 from camretrieval.extraction.images import find_images
 from camretrieval.extraction.settings import ExtractionSettings
-from camretrieval.method.whitening import PCAWhitening
+from camretrieval.method.whitening import DEFAULT_SHRINKAGE, PCAWhitening
 from camretrieval.storage.ann import ANN_KINDS, build_search_index, measure_recall
 from camretrieval.storage.catalog import FileState, IndexFileError, IndexStore
+from camretrieval.storage.check import check_index, repair
 from camretrieval.storage.maps import MapStore
 from camretrieval.storage.ray import DEFAULT_RAY_WORKERS, describe_with_ray
 from camretrieval.storage.shards import ShardResult, ShardWriter, describe_in_shards, load_snapshot
 
-DEFAULT_COMMIT_EVERY = 256
+# An index made without a PCA file learns its whitening on an even sample of at most this many of its own images.
+DEFAULT_WHITENING_SAMPLE = 2000
 
 
 @dataclass
@@ -42,8 +46,11 @@ class UpdateReport:
     described: int = 0  # of the added and updated files, those described and committed
     unchanged: int = 0  # already indexed and not changed: not described again
     failures: list[FileFailure] = field(default_factory=list)  # files that could not be read this run
-    failed_before: int = 0  # unchanged files that failed in an earlier run (not tried again)
+    failed_before: int = 0  # unchanged files that could not be decoded in an earlier run (not tried again)
+    retried: int = 0  # unchanged files that could not be read in an earlier run, tried again
+    attempted: int = 0  # files this run tried to describe (added, updated, retried, and those unreadable at once)
     missing: list[str] = field(default_factory=list)  # indexed images no longer in the folder (kept until removed)
+    repaired: list[str] = field(default_factory=list)  # damaged files found (their images were described again)
     commits: int = 0
     total: int = 0  # images in the index after this run
     ann: dict | None = None  # the approximate index, when the index has one: kind, recall@100 against exact search
@@ -123,7 +130,15 @@ def update_index(
     report = UpdateReport()
     with IndexStore.writing(index_dir) as store:
         check_compatible(store, wanted, whitening)
+        damages = check_index(store)
+        if damages:  # described again below from the images on disk: they count as new files
+            report.repaired = [str(damage) for damage in damages]
+            repair(store, damages)
         pending = _compare_folder(store, image_root, report)
+        report.attempted = len(pending) + len(report.failures)
+        for failure in report.failures:  # files listed but gone or unreadable before their turn (dangling links, ...)
+            if progress:
+                print(f"skipped {failure.path}: {failure.reason}", file=sys.stderr)
         whitening_file = store.save_whitening(whitening)
         meta = wanted | {"whitening": whitening_file}
         if pending:
@@ -150,6 +165,60 @@ def update_index(
         report.total = store.count_done()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def whitening_for_index(
+    index_dir: str | Path,
+    image_root: str | Path,
+    settings: ExtractionSettings,
+    dim: int = 512,
+    n_pca: int = 1,
+    sample: int = DEFAULT_WHITENING_SAMPLE,
+    batch_size: int = 16,
+    workers: int = 2,
+    device: str = "cpu",
+    precision: str = "float32",
+    progress: bool = True,
+) -> tuple[PCAWhitening | None, str]:
+    """The whitening of an index made without a PCA file, and a one-line note saying where it comes from.
+
+    An existing index keeps the whitening it started with (None for an index of raw descriptors), so that its
+    descriptors stay comparable as it grows. A new one learns its whitening on the collection itself: an even sample
+    of at most ``sample`` of the images under ``image_root``, described with ``settings``, regularised by
+    :data:`~camretrieval.method.whitening.DEFAULT_SHRINKAGE` (on the searched collection itself, plain whitening
+    can cost much, shrunk never below no whitening at any sample size measured: docs/method.md).
+    """
+    if IndexStore.exists(index_dir):
+        store = IndexStore.open(index_dir)
+        try:
+            meta = store.meta()
+            if "settings" in meta:
+                if not meta.get("whitening"):
+                    return None, f"the index at {index_dir} has unwhitened descriptors: adding to it without whitening"
+                whitening = PCAWhitening.load(store.directory / meta["whitening"])
+                return whitening, f"using the whitening the index at {index_dir} was built with"
+        finally:
+            store.close()
+    image_root = Path(image_root)
+    if not image_root.is_dir():
+        raise CamRetrievalError(f"{image_root} is not a folder of images")
+    paths = find_images(image_root)
+    if not paths:
+        raise CamRetrievalError(f"no images (jpg, jpeg, png, webp, bmp, tif, tiff) under {image_root}")
+    chosen = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, min(sample, len(paths))).round().astype(int))]
+    describer = Describer.from_settings(settings, None, device, precision)
+    if progress:
+        print(f"learning the whitening on {len(chosen)} of the {len(paths)} images (no PCA file given)", file=sys.stderr)
+    whitening, failures = fit_whitening(
+        describer, chosen, image_root, dim, n_pca, batch_size, workers, progress, shrinkage=DEFAULT_SHRINKAGE
+    )
+    whitening.settings["learned_on"] = "collection"
+    note = (
+        f"whitening: {whitening.input_dim} -> {whitening.dim_} PCA-whitening (shrinkage {DEFAULT_SHRINKAGE:g}) learned on "
+        f"{len(chosen) - len(failures)} images of the collection itself, kept as the index grows (--pca FILE: one "
+        "learned on another collection, the paper's protocol)"
+    )
+    return whitening, note
 
 
 def index_meta(settings: dict, image_root: str | Path | None, separate_cam_layer: bool | None) -> dict:
@@ -212,7 +281,7 @@ def _compare_folder(store: IndexStore, image_root: Path, report: UpdateReport) -
         try:
             state = FileState.of(image_root / path)
         except OSError as error:  # vanished since the folder was listed
-            report.failures.append(FileFailure(path, f"unreadable: {error}"))
+            report.failures.append(FileFailure(path, f"unreadable: {error}", retry=True))
             continue
         before = known.get(path)
         if before is None or before[0] != state:
@@ -221,6 +290,9 @@ def _compare_folder(store: IndexStore, image_root: Path, report: UpdateReport) -
             report.updated += before is not None
         elif before[1] == "done":
             report.unchanged += 1
+        elif before[1] == "retry":  # it could not be read last time (moved away, no permission): try again
+            pending.append((path, state))
+            report.retried += 1
         else:
             report.failed_before += 1
     present = set(paths)
@@ -309,6 +381,7 @@ def remove_images(index_dir: str | Path, paths: Sequence[str] = (), missing: boo
     """Forget images of an index: ``paths`` (relative to the indexed folder, or absolute under it) and, with
     ``missing``, every indexed image no longer on disk. Returns (how many were removed, paths the index did not
     hold)."""
+    IndexStore.open(index_dir).close()  # an index that is not there is an error, never created empty
     with IndexStore.writing(index_dir) as store:
         meta = store.meta()
         root = Path(meta["image_root"]) if meta.get("image_root") else None

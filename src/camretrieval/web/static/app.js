@@ -16,8 +16,28 @@ const state = {
   picker: { q: "", offset: 0, limit: 40, total: 0 },
 };
 
+// A file name is any bytes but "/" and NUL. The server names one that is not UTF-8 as Python does (os.fsdecode):
+// each of its other bytes as a lone surrogate U+DC80-U+DCFF, which JSON carries as "\udcXX". Such a surrogate is
+// sent as the byte it stands for; encodeURIComponent would throw on it (and URLSearchParams replace it).
+const encodeName = (text) => {
+  let out = "";
+  for (const char of text) {
+    const code = char.codePointAt(0);
+    if (code >= 0xdc80 && code <= 0xdcff) out += "%" + (code - 0xdc00).toString(16).toUpperCase();
+    else if (code >= 0xd800 && code <= 0xdfff) out += encodeURIComponent("\ufffd");
+    else out += encodeURIComponent(char);
+  }
+  return out;
+};
+const hasRawBytes = (text) => [...text].some((char) => char.codePointAt(0) >= 0xdc80 && char.codePointAt(0) <= 0xdcff);
 // Each path segment encoded on its own: the slashes stay, anything else in a file name is escaped.
-const pathUrl = (prefix, path) => prefix + path.split("/").map(encodeURIComponent).join("/");
+const pathUrl = (prefix, path) => prefix + path.split("/").map(encodeName).join("/");
+// A query string whose values may be such names.
+const queryString = (params) =>
+  Object.entries(params)
+    .filter(([, value]) => value !== undefined && value !== null && value !== "")
+    .map(([name, value]) => `${encodeURIComponent(name)}=${encodeName(String(value))}`)
+    .join("&");
 
 async function api(url, options) {
   const response = await fetch(url, options);
@@ -100,6 +120,10 @@ function draw() {
   ctx.fillRect(0, y2, canvas.width, canvas.height - y2);
   ctx.fillRect(0, y1, x1, y2 - y1);
   ctx.fillRect(x2, y1, canvas.width - x2, y2 - y1);
+  // A dark line under a bright one: the box shows on a white sky as on a black night.
+  ctx.strokeStyle = "rgba(0, 0, 0, 0.85)";
+  ctx.lineWidth = 4;
+  ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
   ctx.strokeStyle = "#ffd400";
   ctx.lineWidth = 2;
   ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
@@ -116,12 +140,33 @@ function canvasPoint(event) {
   return [Math.min(Math.max(x, 0), canvas.width), Math.min(Math.max(y, 0), canvas.height)];
 }
 
+// One feature cell of the network, in the query's own pixels: the query is resized so that its shorter side is
+// network.input_size px, and a cell covers network.stride x network.stride px of that input.
+function cellSize() {
+  if (!state.info || !state.info.network || !state.image) return null;
+  const { input_size: size, stride } = state.info.network;
+  const shorter = Math.min(state.image.naturalWidth, state.image.naturalHeight);
+  return (stride * shorter) / size;
+}
+
 function updateBoxInfo() {
   const box = state.box;
   $("box-info").textContent = box
     ? `Box: ${box.map((v) => Math.round(v)).join(", ")} (x1, y1, x2, y2 in the query's pixels)`
     : "Drag on the image to draw a box around the object (optional).";
   $("clear-box").disabled = !box;
+  const cell = cellSize();
+  const warning = $("box-warning");
+  const small = Boolean(box && cell && (box[2] - box[0] < cell || box[3] - box[1] < cell));
+  warning.hidden = !small;
+  if (small) {
+    const { input_size: size, stride } = state.info.network;
+    const side = Math.round(cell);
+    warning.textContent =
+      `This box is ${Math.round(box[2] - box[0])} × ${Math.round(box[3] - box[1])} px, smaller than one feature ` +
+      `cell (${side} × ${side} px of this image: the network sees it at ${size} px on its shorter side, one cell ` +
+      `per ${stride} px). The search describes whole cells, so it will see more than the box: draw a larger one.`;
+  }
 }
 
 canvas.addEventListener("pointerdown", (event) => {
@@ -160,20 +205,89 @@ $("clear-box").addEventListener("click", () => {
   updateBoxInfo();
 });
 
-$("file-input").addEventListener("change", (event) => {
-  const file = event.target.files[0];
-  if (!file) return;
+// The query as a file: chosen with the file input, dropped on the page, or pasted from the clipboard.
+function useFile(file, how = "") {
   const limit = state.info ? state.info.limits.upload_bytes : Infinity;
   if (file.size > limit) {
     setStatus(`${file.name} is ${(file.size / 2 ** 20).toFixed(1)} MB: the limit is ${limit / 2 ** 20} MB`, true);
     return;
   }
-  setStatus("");
+  setStatus(how ? `query: ${file.name} (${how})` : "");
   const image = new Image();
   const source = { kind: "upload", file, queryId: null };
   image.onload = () => setImage(image, source);
   image.onerror = () => setImage(null, source); // e.g. TIFF: the server reads it, the browser cannot show it
   image.src = URL.createObjectURL(file);
+}
+
+$("file-input").addEventListener("change", (event) => {
+  const file = event.target.files[0];
+  if (file) useFile(file);
+  event.target.value = ""; // choosing the same file again still fires "change"
+});
+
+// Drag and drop: an image file from the desktop, or a thumbnail of this page (an indexed image, searched by path).
+const PATH_TYPE = "application/x-camretrieval-path";
+const isImageFile = (file) => file && (file.type.startsWith("image/") || /\.(jpe?g|png|webp|bmp|tiff?)$/i.test(file.name));
+const carriesQuery = (event) =>
+  Boolean(event.dataTransfer) && [...event.dataTransfer.types].some((t) => t === "Files" || t === PATH_TYPE);
+let dragDepth = 0;
+
+function markDropTarget(on) {
+  $("query-panel").classList.toggle("drop-target", on);
+}
+document.addEventListener("dragenter", (event) => {
+  if (!carriesQuery(event)) return;
+  event.preventDefault();
+  dragDepth += 1;
+  markDropTarget(true);
+});
+document.addEventListener("dragover", (event) => {
+  if (!carriesQuery(event)) return;
+  event.preventDefault(); // without it the browser opens the dropped file in place of the page
+  event.dataTransfer.dropEffect = "copy";
+});
+document.addEventListener("dragleave", (event) => {
+  if (!carriesQuery(event)) return;
+  dragDepth = Math.max(0, dragDepth - 1);
+  if (!dragDepth) markDropTarget(false);
+});
+document.addEventListener("drop", (event) => {
+  if (!carriesQuery(event)) return;
+  event.preventDefault();
+  dragDepth = 0;
+  markDropTarget(false);
+  const path = event.dataTransfer.getData(PATH_TYPE);
+  if (path) {
+    pick(path);
+    return;
+  }
+  const files = [...event.dataTransfer.files];
+  const file = files.find(isImageFile);
+  if (file) useFile(file, "dropped");
+  else setStatus(`${files.length ? files[0].name : "that"} is not an image: drop a JPEG, PNG, WebP, BMP or TIFF`, true);
+});
+
+function draggablePath(image, path) {
+  image.draggable = true;
+  image.addEventListener("dragstart", (event) => {
+    event.dataTransfer.setData(PATH_TYPE, path);
+    event.dataTransfer.setData("text/plain", path);
+    event.dataTransfer.effectAllowed = "copy";
+  });
+}
+
+// Paste: an image copied anywhere (a screenshot, an image copied in another page) becomes the query.
+document.addEventListener("paste", (event) => {
+  const data = event.clipboardData;
+  if (!data) return;
+  const file = [...data.files].find(isImageFile);
+  if (!file) return; // text pasted into the filter or a number field goes on as usual
+  event.preventDefault();
+  // A copied screenshot comes as "image.png" (or with no name): name it after where it came from.
+  const extension = (file.type.split("/")[1] || "png").replace("jpeg", "jpg");
+  const generic = !file.name || /^image\.\w+$/.test(file.name);
+  useFile(generic ? new File([file], `pasted.${extension}`, { type: file.type }) : file, "pasted");
 });
 
 // --- picking an indexed image ---
@@ -214,10 +328,14 @@ async function loadPicker() {
     grid.replaceChildren(
       ...data.paths.map((path) => {
         const image = document.createElement("img");
+        image.className = "loading";
+        image.addEventListener("load", () => image.classList.remove("loading"));
+        image.addEventListener("error", () => image.classList.replace("loading", "unavailable"));
         image.src = pathUrl("/api/thumbnails/", path) + "?size=128";
         image.alt = image.title = path;
         image.loading = "lazy";
         image.addEventListener("click", () => pick(path));
+        draggablePath(image, path);
         return image;
       }),
     );
@@ -243,7 +361,18 @@ $("search-form").addEventListener("submit", async (event) => {
   if (!state.source) return;
   const source = state.source;
   const form = new FormData();
-  if (source.kind === "path") form.append("path", source.path);
+  if (source.kind === "path" && hasRawBytes(source.path)) {
+    // A form field cannot carry a name that is not UTF-8 (the browser replaces its bytes): the indexed file itself
+    // is sent instead, which the server decodes to the same pixels, so the search is the same.
+    try {
+      const response = await fetch(pathUrl("/api/images/", source.path));
+      if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+      form.append("file", await response.blob(), source.path.split("/").pop());
+    } catch (error) {
+      setStatus(error.message, true);
+      return;
+    }
+  } else if (source.kind === "path") form.append("path", source.path);
   else if (source.queryId) form.append("query_id", source.queryId); // the server still has it: no second upload
   else form.append("file", source.file, source.file.name);
   if (state.box) form.append("box", state.box.join(","));
@@ -254,6 +383,7 @@ $("search-form").addEventListener("submit", async (event) => {
   $("search-button").disabled = true;
   setStatus("searching…");
   $("results").dataset.state = "searching";
+  $("results").setAttribute("aria-busy", "true");
   try {
     const [entry] = await api("/api/search", { method: "POST", body: form });
     if (source.kind === "upload") source.queryId = entry.query_id;
@@ -265,6 +395,7 @@ $("search-form").addEventListener("submit", async (event) => {
     $("results").dataset.state = "error";
   } finally {
     $("search-button").disabled = false;
+    $("results").removeAttribute("aria-busy");
   }
 });
 
@@ -276,11 +407,19 @@ function showResults(entry) {
       figure.className = "hit";
       figure.tabIndex = 0;
       figure.dataset.path = hit.path;
+      // A placeholder (animated while it loads) holds the tile's place until its thumbnail arrives.
+      figure.classList.add("loading");
+      const thumb = document.createElement("div");
+      thumb.className = "thumb";
       const image = document.createElement("img");
-      image.src = pathUrl("/api/thumbnails/", hit.path) + "?size=256";
       image.alt = hit.path;
+      image.decoding = "async";
+      image.addEventListener("load", () => figure.classList.remove("loading"));
       // An indexed file the server will not show (moved since, or a symlink out of the image folder).
-      image.addEventListener("error", () => figure.classList.add("unavailable"));
+      image.addEventListener("error", () => figure.classList.replace("loading", "unavailable"));
+      image.src = pathUrl("/api/thumbnails/", hit.path) + "?size=256";
+      draggablePath(image, hit.path);
+      thumb.append(image);
       const caption = document.createElement("figcaption");
       const rank = document.createElement("span");
       rank.className = "rank";
@@ -292,25 +431,85 @@ function showResults(entry) {
       path.className = "path";
       path.textContent = hit.path;
       caption.append(rank, score, path);
-      figure.append(image, caption);
+      figure.append(thumb, caption);
       figure.addEventListener("click", () => explain(hit, i + 1));
       figure.addEventListener("keydown", (e) => e.key === "Enter" && explain(hit, i + 1));
       return figure;
     }),
   );
   const box = entry.box ? ` (box ${entry.box.map((v) => Math.round(v)).join(", ")})` : "";
-  $("results-summary").textContent = `for ${entry.query}${box}: click a result to see why it matched`;
+  $("results-summary").textContent = `${entry.results.length} for ${entry.query}${box}: click a result to see why it matched`;
+  const used = $("results-refinement");
+  used.textContent = refinementText(entry.refinement);
+  used.hidden = false;
+  $("export-json").disabled = $("export-csv").disabled = entry.results.length === 0;
   grid.dataset.state = "done";
 }
+
+// What the server applied, in words: e.g. "online aggregation (OnA) · re-ranked the top 30 ..." or "none, plain search".
+function refinementText(r) {
+  if (!r) return "";
+  const parts = [];
+  if (r.online) parts.push("online aggregation (OnA)");
+  if (r.rerank) parts.push(`re-ranked the top ${r.rerank} with CAM regions (N_re = ${r.rerank_classes})`);
+  if (r.qe) parts.push(r.qe_alpha ? `α-QE with the top ${r.qe} (α = ${r.qe_alpha})` : `query expansion with the top ${r.qe}`);
+  return "Refinement: " + (parts.length ? parts.join(" · ") : "none, plain search (offline aggregation, OfA)");
+}
+
+// --- exporting the results (made here, in the browser) ---
+
+function exportName(extension) {
+  const stem = (state.last.entry.query || "query").split("/").pop().replace(/\.[^.]*$/, "");
+  return `camretrieval-${stem.replace(/[^\w.-]+/g, "_") || "query"}.${extension}`;
+}
+
+function download(text, type, name) {
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([text], { type }));
+  link.download = name;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
+}
+
+// The shape of `camretrieval search --json`, with the box and the refinement of this search.
+function resultsJson(entry) {
+  const record = { query: entry.query, box: entry.box, refinement: entry.refinement, results: entry.results };
+  return JSON.stringify([record], null, 2) + "\n";
+}
+
+// A cell as CSV (RFC 4180 quoting); text that a spreadsheet would run as a formula gets a leading apostrophe.
+function csvCell(value) {
+  let text = String(value ?? "");
+  if (typeof value === "string" && /^[=+\-@\t\r]/.test(text)) text = "'" + text;
+  return /[",\r\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+}
+
+function resultsCsv(entry) {
+  const box = entry.box ? entry.box.join(" ") : "";
+  const rows = [["query", "box", "rank", "path", "score"]];
+  entry.results.forEach((hit, i) => rows.push([entry.query, box, i + 1, hit.path, hit.score]));
+  return rows.map((row) => row.map(csvCell).join(",")).join("\r\n") + "\r\n";
+}
+
+$("export-json").addEventListener("click", () => {
+  if (state.last) download(resultsJson(state.last.entry), "application/json", exportName("json"));
+});
+$("export-csv").addEventListener("click", () => {
+  if (state.last) download(resultsCsv(state.last.entry), "text/csv", exportName("csv"));
+});
 
 // --- why it matched ---
 
 async function explain(hit, rank) {
   const { entry, source } = state.last;
-  const params = new URLSearchParams({ result: hit.path });
-  if (entry.query_id) params.set("query_id", entry.query_id);
-  else params.set("path", source.path);
-  if (entry.box) params.set("box", entry.box.join(","));
+  const params = queryString({
+    result: hit.path,
+    query_id: entry.query_id || null,
+    path: entry.query_id ? null : source.path,
+    box: entry.box ? entry.box.join(",") : null,
+  });
   const dialog = $("explain");
   $("explain-title").textContent = `#${rank} ${hit.path} (score ${hit.score.toFixed(3)})`;
   $("explain-classes").replaceChildren();
