@@ -47,7 +47,9 @@ def made(tmp_path_factory, eth80_dir):
         for view in sorted((eth80_dir / obj).glob("*.jpg"))[::4]:
             shutil.copy(view, images / obj / view.name)
     index_dir = root / "photos.index"
-    code, out, err = run("index", images, index_dir, "--size", SIZE, "--dim", 16, "--classes", 8, *COMMON)
+    code, out, err = run(
+        "index", images, index_dir, "--size", SIZE, "--dim", 16, "--classes", 8, "--whiten", "collection", *COMMON
+    )
     assert code == 0, err
     assert "learned on 33 images of the collection itself" in err
     assert "indexed 33 images" in out
@@ -66,7 +68,10 @@ def test_index_without_pca_learns_on_the_collection_and_keeps_its_settings(made,
     views = sorted((eth80_dir / "pear3").glob("*.jpg"))
     for view in views[:6:2]:
         shutil.copy(view, images / view.name)
-    code, _, err = run("index", images, tmp_path / "index", "--size", SIZE, "--dim", 2, "--classes", 8, *COMMON)
+    code, _, err = run(
+        "index", images, tmp_path / "index", "--size", SIZE, "--dim", 2, "--classes", 8, "--whiten", "collection",
+        *COMMON,
+    )
     assert code == 0, err
     first = Index.open(tmp_path / "index")
     shutil.copy(views[1], images / views[1].name)
@@ -82,6 +87,17 @@ def test_index_without_pca_learns_on_the_collection_and_keeps_its_settings(made,
     # --dim and --npca apply to a new index only; given again they are accepted and said to be ignored.
     code, out, err = run("index", images, tmp_path / "index", "--dim", 16, *COMMON)
     assert code == 0 and "apply to a new index only" in err and "4 unchanged" in out
+
+
+def test_a_small_collection_is_not_whitened_unless_asked(made, tmp_path):
+    """On fewer than MIN_COLLECTION_WHITENING images, a whitening of the collection itself measured worse than none
+    (docs/method.md): `index` without --pca then says so and indexes unwhitened descriptors; --whiten none too."""
+    _, images, _ = made
+    for extra in ([], ["--whiten", "none"]):
+        target = tmp_path / f"plain{len(extra)}"
+        code, _, err = run("index", images / "apple3", target, "--size", SIZE, *extra, *COMMON)
+        assert code == 0, err
+        assert "whitening: none" in err and Index.open(target).whitening is None
 
 
 def test_an_index_without_maps_is_rerun_without_options(made, tmp_path):

@@ -330,3 +330,17 @@ def test_any_pca_file_content_loads_or_is_refused(tmp_path_factory, header, dim,
         PCAWhitening.load(path)
     except WhiteningFileError:
         return
+
+
+def test_a_damaged_catalog_page_is_a_clear_error_for_readers_and_writers(eth80_dir, whitening, tmp_path):
+    folder = tmp_path / "photos"
+    _photos(eth80_dir, folder, 2)
+    index_dir = tmp_path / "index"
+    _update(index_dir, folder, whitening)
+    data = bytearray((index_dir / "catalog.sqlite").read_bytes())
+    data[4096:8192] = bytes(range(256)) * 16  # one page of the database overwritten
+    (index_dir / "catalog.sqlite").write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="damaged"):
+        Index.open(index_dir)
+    with pytest.raises(IndexFileError, match="damaged .*move .* away and run camretrieval index again"):
+        _update(index_dir, folder, whitening)

@@ -47,3 +47,20 @@ DEFAULT_RAY_WORKERS = 2
 # --- benchmarks (camretrieval.evaluation.datasets) ---
 
 DATASET_NAMES = ("roxford5k", "rparis6k", "oxford5k", "paris6k", "ukbench", "holidays")
+# `index` without --pca learns the whitening on the collection itself only from this many images (docs/method.md:
+# on fewer, a whitening of the collection itself flattens what tells its few objects apart).
+MIN_COLLECTION_WHITENING = 1000
+
+
+def box_numbers(text: str) -> tuple[float, float, float, float]:
+    """``"x1,y1,x2,y2"`` (commas or spaces) -> four numbers, or ValueError with the message a user sees. Plain text
+    parsing, here so that the command line checks a --box without importing torch (method.regions.parse_box and
+    the parser both call it)."""
+    parts = text.replace(",", " ").split()
+    try:
+        values = tuple(float(part) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise ValueError(f"a box is four numbers x1,y1,x2,y2 in the image's pixels; got {text!r}")
+    return values  # type: ignore[return-value]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from camretrieval.cli.info import run_info
 from camretrieval.cli.search import read_queries_file, run_search
-from camretrieval.constants import DEFAULT_BACKBONE, DEFAULT_NPCA, DEFAULT_WHITENING_DIM
+from camretrieval.constants import DEFAULT_BACKBONE, DEFAULT_NPCA, DEFAULT_WHITENING_DIM, MIN_COLLECTION_WHITENING
 from camretrieval.errors import CamRetrievalError
 
 if TYPE_CHECKING:  # annotations only
@@ -210,11 +210,14 @@ def run_index(args: argparse.Namespace) -> int:
     whitening = PCAWhitening.load(args.pca) if args.pca is not None else None
     settings = _index_settings(args, whitening, recorded)
     _check_same_settings(args.index_dir, settings, recorded)
-    if args.pca is None:
+    if args.pca is None and args.whiten == "none" and not meta:
+        print("whitening: none (--whiten none)", file=sys.stderr)
+    elif args.pca is None:
         whitening, note = whitening_for_index(
             args.index_dir, args.images_dir, settings, dim=args.dim or DEFAULT_WHITENING_DIM,
             n_pca=args.npca or DEFAULT_NPCA, batch_size=args.batch_size, workers=args.workers, device=args.device,
             precision=args.precision, progress=not args.quiet,
+            min_images=0 if args.whiten == "collection" else MIN_COLLECTION_WHITENING,
         )
         if meta and (args.dim is not None or args.npca is not None):
             note += " (--dim and --npca apply to a new index only)"

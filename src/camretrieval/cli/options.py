@@ -25,8 +25,10 @@ from camretrieval.constants import (
     DEFAULT_SIZE,
     DEFAULT_TOP,
     DEFAULT_WHITENING_DIM,
+    MIN_COLLECTION_WHITENING,
     POOLINGS,
     PRECISIONS,
+    box_numbers,
 )
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -77,17 +79,12 @@ def non_negative_number(text: str) -> float:
 
 
 def box_text(text: str) -> tuple[float, float, float, float]:
-    """``"x1,y1,x2,y2"`` (commas or spaces) -> four numbers; the same message as
-    :func:`camretrieval.method.regions.parse_box`, without importing torch. Whether the box fits its image is checked
-    when the image is read."""
-    parts = text.replace(",", " ").split()
+    """An argparse type for ``"x1,y1,x2,y2"``: four numbers (:func:`camretrieval.constants.box_numbers`). Whether
+    the box fits its image is checked when the image is read."""
     try:
-        values = tuple(float(part) for part in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError(f"a box is four numbers x1,y1,x2,y2 in the image's pixels; got {text!r}")
-    return values  # type: ignore[return-value]
+        return box_numbers(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 box_text.__name__ = "box"
@@ -222,8 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument(
         "--pca", type=Path, metavar="FILE",
         help="PCA-whitening file from camretrieval fit-pca, learned on another collection (as the paper does) "
-        "(default: the existing index's whitening, else one learned on the collection itself, sized by --dim and "
-        "--npca)",
+        "(default: the existing index's whitening, else as --whiten says)",
+    )
+    index.add_argument(
+        "--whiten", choices=["auto", "collection", "none"], default="auto",
+        help="without --pca, for a new index: learn the whitening on the collection itself, sized by --dim and "
+        f"--npca (collection), only when it has at least {MIN_COLLECTION_WHITENING} images (auto: on fewer it "
+        "measured worse than none, docs/method.md), or index unwhitened descriptors (none)",
     )
     _add_whitening_size_options(index, when="without --pca, for a new index")
     _add_extraction_options(index, defaults_from="index")

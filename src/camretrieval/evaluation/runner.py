@@ -24,7 +24,7 @@ from camretrieval.errors import CamRetrievalError
 from camretrieval.evaluation.datasets import RetrievalDataset
 from camretrieval.evaluation.metrics import evaluate
 from camretrieval.extraction.describer import Describer, check_whitening
-from camretrieval.extraction.fitting import whitening_settings
+from camretrieval.extraction.fitting import whitening_settings, whitening_shrinkage
 from camretrieval.extraction.settings import DEFAULT_CLASSES
 from camretrieval.method.aggregation import aggregate
 from camretrieval.method.feature_maps import FeatureMaps
@@ -145,8 +145,9 @@ def fit_variant_whitenings(
         if not usable:
             raise CamRetrievalError(f"no usable images under {root} to learn the PCA-whitening from")
         settings = dataclasses.replace(describer.settings, pooling=pooling)
+        shrinkage = whitening_shrinkage(dim, len(usable), n_pca, pooling)  # as fit_whitening chooses it
         whitenings[pooling] = PCAWhitening(
-            dim, whitening_settings(settings, describer.backbone, n_pca, len(usable))
+            dim, whitening_settings(settings, describer.backbone, n_pca, len(usable)), shrinkage
         ).fit(torch.cat(usable).float().numpy())
     return whitenings
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from camretrieval.constants import box_numbers
 from camretrieval.errors import CamRetrievalError
 from camretrieval.method.cams import class_activation_maps, class_logits, normalize_cams, top_classes
 
@@ -44,14 +45,10 @@ class BoxError(CamRetrievalError):
 
 def parse_box(text: str) -> Box:
     """``"x1,y1,x2,y2"`` (commas or spaces) -> a box of floats."""
-    parts = text.replace(",", " ").split()
     try:
-        values = tuple(float(part) for part in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise BoxError(f"a box is four numbers x1,y1,x2,y2 in the image's pixels; got {text!r}")
-    return values  # type: ignore[return-value]
+        return box_numbers(text)
+    except ValueError as error:
+        raise BoxError(str(error)) from None
 
 
 def validate_box(box: Box, width: int, height: int) -> Box:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from camretrieval.constants import DEFAULT_COMMIT_EVERY
+from camretrieval.constants import DEFAULT_COMMIT_EVERY, MIN_COLLECTION_WHITENING
 from camretrieval.errors import CamRetrievalError
 from camretrieval.extraction.describer import Describer, FileFailure
 from camretrieval.extraction.fitting import fit_whitening
@@ -179,12 +179,14 @@ def whitening_for_index(
     device: str = "cpu",
     precision: str = "float32",
     progress: bool = True,
+    min_images: int = MIN_COLLECTION_WHITENING,
 ) -> tuple[PCAWhitening | None, str]:
     """The whitening of an index made without a PCA file, and a one-line note saying where it comes from.
 
     An existing index keeps the whitening it started with (None for an index of raw descriptors), so that its
-    descriptors stay comparable as it grows. A new one learns its whitening on the collection itself: an even sample
-    of at most ``sample`` of the images under ``image_root``, described with ``settings``, regularised by
+    descriptors stay comparable as it grows. A new one of at least ``min_images`` images learns its
+    whitening on the collection itself (a smaller one is not whitened: None): an even sample of at most ``sample`` of
+    the images under ``image_root``, described with ``settings``, regularised by
     :data:`~camretrieval.method.whitening.DEFAULT_SHRINKAGE` (on the searched collection itself, plain whitening
     can cost much, shrunk never below no whitening at any sample size measured: docs/method.md).
     """
@@ -205,6 +207,11 @@ def whitening_for_index(
     paths = find_images(image_root)
     if not paths:
         raise CamRetrievalError(f"no images (jpg, jpeg, png, webp, bmp, tif, tiff) under {image_root}")
+    if len(paths) < min_images:
+        return None, (
+            f"whitening: none ({len(paths)} images are too few to learn one on the collection itself that helps: "
+            f"from {min_images}; --pca FILE gives one learned on another collection, --whiten collection forces it)"
+        )
     chosen = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, min(sample, len(paths))).round().astype(int))]
     describer = Describer.from_settings(settings, None, device, precision)
     if progress:
