@@ -122,6 +122,11 @@ def update_index(
         raise CamRetrievalError(f"unknown engine {engine!r}: choose local or ray")
     if commit_every < 1:
         raise CamRetrievalError(f"commit_every must be at least 1, got {commit_every}")
+    if settings is not None and not isinstance(settings, ExtractionSettings):
+        raise TypeError(
+            f"update_index takes its extraction settings as one ExtractionSettings, got {settings!r}: e.g. "
+            "update_index(index_dir, image_root, whitening, ExtractionSettings(backbone=..., size=...))"
+        )
     settings = settings if settings is not None else ExtractionSettings.from_pca(whitening)
     describer = Describer.from_settings(settings, whitening, device, precision)
     keep_maps = settings.pooling == "cam" if keep_maps is None else keep_maps
