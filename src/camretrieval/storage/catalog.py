@@ -361,6 +361,18 @@ class IndexStore:
                 self._bump_generation(connection)
         return removed
 
+    def forget_shards(self, shards: Sequence[str], drop_ann: bool = False) -> int:
+        """Forget, in one transaction, the images described into ``shards`` (they count as new at the next run) and,
+        with ``drop_ann``, the approximate index (rebuilt at the next run). Returns how many images were forgotten."""
+        with self.transaction() as connection:
+            forgotten = sum(
+                connection.execute("DELETE FROM images WHERE shard = ?", (shard,)).rowcount for shard in shards
+            )
+            if drop_ann:
+                connection.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('ann', 'null')")
+            self._bump_generation(connection)
+        return forgotten
+
     def _bump_generation(self, connection: sqlite3.Connection) -> None:
         connection.execute(
             "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'generation'"

@@ -84,13 +84,4 @@ def repair(store: IndexStore, damages: list[Damage]) -> int:
     writer describes them again from the images on disk) and a damaged approximate index is rebuilt. Returns how many
     images will be described again. Needs the writer lock (:meth:`IndexStore.writing`)."""
     shards = [damage.shard for damage in damages if damage.shard]
-    forgotten = 0
-    with store.transaction() as connection:
-        for shard in shards:
-            forgotten += connection.execute("DELETE FROM images WHERE shard = ?", (shard,)).rowcount
-        if any(damage.shard is None for damage in damages):
-            connection.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('ann', 'null')")
-        connection.execute(
-            "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'generation'"
-        )
-    return forgotten
+    return store.forget_shards(shards, drop_ann=any(damage.shard is None for damage in damages))
