@@ -1,16 +1,23 @@
-"""What class weighting costs, and how close indexing runs to the backbone's own speed (issue: dynamic collections).
+"""How close `camretrieval index` runs to the machine's limit, and to the peers' way of extracting (issue 13).
 
-On the same images, backbone and size, one run, each measurement repeated ``--repeats`` times interleaved (the
-fastest kept: the machine is shared), printing seconds per image and the ratios:
+On the same images, backbone and size, in one run, every measurement repeated ``--repeats`` times interleaved (the
+fastest of each kept: the machine is shared), seconds per image of:
 
-- (a) ``index`` with 64 CAMs (the paper's descriptor) over ``index`` with raw sum pooling, both without stored maps.
-  The paper's Table 1b reports 3x (0.49 s -> 1.5 s per image); here the CAM arithmetic is two small matrix
-  products per image.
-- (b) end-to-end ``index`` throughput (listing, decoding in DataLoader workers, forward, CAMs, pooling, whitening,
-  writing shards and committing them; with and without the stored maps) over a bare forward pass of the backbone
-  on the same images, already decoded and resized, in full same-shape batches (channels-last, as ``index`` runs it).
+- **the limit**: the backbone's bare forward pass (no decoding, no CAMs, no writing) on the same images, decoded and
+  resized beforehand, grouped by shape, for every batch size (1, 2, 4, 8, 16) with and without channels-last; the
+  fastest of them is the machine's limit (what :mod:`camretrieval.extraction.calibration` looks for on a synthetic
+  image);
+- **a cirtorch-style loop**: what ``cirtorch.networks.imageretrievalnet.extract_vectors`` does: a DataLoader of batch 1
+  (``--workers`` decoding processes), the forward pass in the default memory layout, GeM pooling, l2; the image
+  resized as ``index`` does (so the forward passes are the same);
+- **`index`** through :func:`camretrieval.storage.writer.update_index` (listing, decoding in DataLoader workers,
+  forward, CAMs, pooling, whitening, writing and committing shards) with its defaults (the calibrated batch size, 64
+  CAMs, maps stored), and without the maps, and with GeM pooling (the cirtorch loop's descriptor).
 
-    python benchmarks/extraction_cost.py [--images ../shared/data/clutter-dev] [--limit 200] [--size 448]
+Ratios printed: the limit / ``index`` (1.0 = index costs nothing but the forward pass), and the cirtorch loop /
+``index`` (above 1: index is faster).
+
+    python benchmarks/extraction_cost.py [--images ../shared/data/clutter-dev] [--limit 120] [--size 448] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -23,9 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
 from camretrieval import Describer, ExtractionSettings, PCAWhitening, load_backbone
-from camretrieval.extraction.images import ImageFileDataset, find_images
+from camretrieval.extraction.calibration import BATCH_SIZES, fastest_forward
+from camretrieval.extraction.images import ImageFileDataset, find_images, load_image, preprocess
 from camretrieval.storage.writer import update_index
 
 
@@ -35,14 +45,26 @@ def timed(function) -> float:
     return time.perf_counter() - started
 
 
+class ImagesFromList(Dataset):
+    """cirtorch's ImagesFromList: one decoded, resized, normalised image per item."""
+
+    def __init__(self, paths: list[Path], size: int, mean, std) -> None:
+        self.paths, self.size, self.mean, self.std = paths, size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return preprocess(load_image(self.paths[index]), self.size, self.mean, self.std)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_images = Path(__file__).resolve().parents[2] / "shared" / "data" / "clutter-dev"
     parser.add_argument("--images", type=Path, default=default_images)
-    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--limit", type=int, default=120)
     parser.add_argument("--size", type=int, default=448)
     parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
@@ -51,7 +73,7 @@ def main() -> None:
 
     paths = find_images(args.images)[: args.limit]
     backbone = load_backbone(args.backbone)
-    # Any whitening of the right shape: its cost, not its quality, is measured.
+    device = torch.device(args.device)
     rng = np.random.default_rng(0)
     settings = Describer(backbone, args.size).settings.to_dict()
     workdir = Path(tempfile.mkdtemp(prefix="camretrieval-extraction-"))
@@ -59,44 +81,70 @@ def main() -> None:
     for path in paths:
         (images / path).parent.mkdir(parents=True, exist_ok=True)
         (images / path).symlink_to((args.images / path).resolve())
+    # Any whitening of the right shape: its cost, not its quality, is measured.
     whitening = {
         pooling: PCAWhitening(512, settings | {"pooling": pooling}).fit(np.abs(rng.normal(size=(600, 1280))))
-        for pooling in ("cam", "sum")
+        for pooling in ("cam", "gem")
     }
+    calibrated = fastest_forward(backbone, args.size, device, args.precision)
 
     def index(pooling: str, keep_maps: bool) -> None:
         target = workdir / "index"
         shutil.rmtree(target, ignore_errors=True)
         extraction = ExtractionSettings(size=args.size, n_classes=64, pooling=pooling)
         update_index(
-            target, images, whitening[pooling], extraction, keep_maps=keep_maps, batch_size=args.batch_size,
-            workers=args.workers, device=args.device, progress=False, precision=args.precision,
+            target, images, whitening[pooling], extraction, keep_maps=keep_maps, workers=args.workers,
+            device=args.device, progress=False, precision=args.precision,
         )
 
-    # The bare forward pass: the same images, decoded and resized beforehand, in full same-shape batches.
-    describer = Describer(backbone, args.size, device=args.device, precision=args.precision)
+    # The bare forward pass: the same images, decoded and resized beforehand, grouped by shape.
     dataset = ImageFileDataset(paths, args.size, backbone.mean, backbone.std, backbone.stride, args.images)
     by_shape: dict[tuple, list[torch.Tensor]] = {}
     for item in (dataset[i] for i in range(len(dataset))):
         by_shape.setdefault(tuple(item.tensor.shape), []).append(item.tensor)
-    batches = [
-        torch.stack(group[start : start + args.batch_size])
-        for group in by_shape.values()
-        for start in range(0, len(group), args.batch_size)
-    ]
 
-    def bare_forward() -> None:
-        for batch in batches:
-            describer.feature_maps(batch)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+    def bare_forward(batch_size: int, channels_last: bool):
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        batches = [
+            torch.stack(group[start : start + batch_size]).to(device).contiguous(memory_format=layout)
+            for group in by_shape.values()
+            for start in range(0, len(group), batch_size)
+        ]
 
-    bare_forward()  # warm-up: first-call allocations and kernel selection
-    runs = {
-        "bare forward": bare_forward,
-        "index, raw sum pooling": lambda: index("sum", False),
-        "index, 64 CAMs": lambda: index("cam", False),
-        "index, 64 CAMs + maps": lambda: index("cam", True),
+        def run() -> None:
+            backbone.to(memory_format=layout)
+            with torch.inference_mode():
+                for batch in batches:
+                    if args.precision == "float32":
+                        backbone(batch)
+                    else:
+                        with torch.autocast(device.type, dtype=getattr(torch, args.precision)):
+                            backbone(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        return run
+
+    def cirtorch_loop() -> None:
+        backbone.to(memory_format=torch.contiguous_format)
+        loader = DataLoader(
+            ImagesFromList([args.images / p for p in paths], args.size, backbone.mean, backbone.std),
+            batch_size=1, num_workers=args.workers,
+        )
+        with torch.inference_mode():
+            for image in loader:
+                features = backbone(image.to(device)).features
+                F.normalize(features.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3), dim=1).cpu()
+
+    limits = {f"bare forward, batch {b}{', channels-last' if cl else ''}": bare_forward(b, cl)
+              for cl in (True, False) for b in BATCH_SIZES}
+    for run in limits.values():
+        run()  # warm-up: first-call allocations and kernel selection for every shape
+    runs = limits | {
+        "cirtorch-style loop (batch 1, GeM)": cirtorch_loop,
+        "index, GeM, no maps": lambda: index("gem", False),
+        "index, 64 CAMs, no maps": lambda: index("cam", False),
+        "index, defaults (64 CAMs + maps)": lambda: index("cam", True),
     }
     seconds = {name: float("inf") for name in runs}
     for _ in range(args.repeats):
@@ -104,14 +152,21 @@ def main() -> None:
             seconds[name] = min(seconds[name], timed(run))
     shutil.rmtree(workdir, ignore_errors=True)
     n = len(paths)
+    limit_name = min(limits, key=lambda name: seconds[name])
+    limit = seconds[limit_name]
     print(f"{n} images from {args.images} ({len(by_shape)} shapes after resizing), {args.backbone}, size {args.size}, "
           f"{torch.get_num_threads()} threads, {args.workers} decoding workers, {args.device} {args.precision}, "
-          f"best of {args.repeats}")
+          f"best of {args.repeats}; calibrated: batch {calibrated.batch_size}"
+          f"{', channels-last' if calibrated.channels_last else ''}")
     for name, value in seconds.items():
-        print(f"  {name:<24} {value / n:.4f} s/image  ({n / value:.1f} images/s)")
-    print(f"(a) 64 CAMs / raw sum pooling:                   {seconds['index, 64 CAMs'] / seconds['index, raw sum pooling']:.3f}x")
-    print(f"(b) index throughput / bare forward pass:        {seconds['bare forward'] / seconds['index, 64 CAMs']:.3f}")
-    print(f"    the same, storing the maps (the default):    {seconds['bare forward'] / seconds['index, 64 CAMs + maps']:.3f}")
+        print(f"  {name:<40} {value / n:.4f} s/image  ({n / value:5.1f} images/s)")
+    default = seconds["index, defaults (64 CAMs + maps)"]
+    print(f"the limit: {limit_name}")
+    print(f"limit / index with its defaults (64 CAMs + maps):  {limit / default:.3f}")
+    print(f"limit / index, 64 CAMs, no maps:                  {limit / seconds['index, 64 CAMs, no maps']:.3f}")
+    print(f"cirtorch-style loop / index with its defaults:      {seconds['cirtorch-style loop (batch 1, GeM)'] / default:.3f}")
+    print(f"cirtorch-style loop / index, GeM, no maps:          "
+          f"{seconds['cirtorch-style loop (batch 1, GeM)'] / seconds['index, GeM, no maps']:.3f}")
 
 
 if __name__ == "__main__":

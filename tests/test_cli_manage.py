@@ -127,7 +127,7 @@ def test_info_text_and_json(made, tmp_path):
     }
     assert info["dim"] == 16 and info["float16"] is False and info["ann"] is None and info["generation"] >= 1
     maps_bytes = sum(p.stat().st_size for p in (index_dir / "shards").rglob("*_maps*"))
-    assert info["maps"] == {"stored": True, "bytes": maps_bytes}
+    assert info["maps"] == {"stored": True, "bytes": maps_bytes, "formats": {"2": 1}}  # one shard, compressed maps
     assert info["bytes"] == sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file())
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", info["last_change"])
 

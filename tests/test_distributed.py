@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -10,7 +11,19 @@ import pytest
 from camretrieval import Index, PCAWhitening
 from camretrieval.cli import main
 
-pytest.importorskip("ray.data", reason="Ray Data not installed (pip install -e '.[test]')")
+
+@pytest.fixture(autouse=True)
+def ray_installed() -> None:
+    """Ray Data, or a skip saying it is missing. CI sets CAMRETRIEVAL_REQUIRE_RAY=1 (``.ci/run``), which turns that
+    skip into a failure: a green CI run then shows the Ray engine was tested."""
+    try:
+        import ray.data  # noqa: F401
+    except ImportError as error:
+        reason = f"Ray Data not installed ({error}; pip install -e '.[test]')"
+        if os.environ.get("CAMRETRIEVAL_REQUIRE_RAY") == "1":
+            pytest.fail(f"{reason}; CAMRETRIEVAL_REQUIRE_RAY=1 requires it", pytrace=False)
+        pytest.skip(reason)
+
 
 SIZE = 96
 SETTINGS = {"backbone": "efficientnet_lite0", "feature_layer": "head", "cam_layer": "head", "size": SIZE, "pooling": "cam"}

@@ -25,7 +25,8 @@ from camretrieval.search.online import online_descriptors
 from camretrieval.search.refinement import SearchOptions
 from camretrieval.search.reranking import region_scores
 from camretrieval.storage.catalog import IndexStore
-from camretrieval.storage.maps import MapsNotStoredError, MapStore, RaggedMaps
+from camretrieval.storage.map_codec import read_header
+from camretrieval.storage.maps import BlockCells, MapsNotStoredError, MapStore, RaggedMaps
 from reference import reference_descriptor
 
 SIZE = 128
@@ -94,12 +95,15 @@ def test_maps_are_stored_ragged_float16_and_memory_mapped(tiny, index):
     assert IndexStore.open(index_dir).meta()["maps"] == {"separate_cam_layer": False}
     store = index.maps
     (cells,) = store.features.parts  # built in one go: one shard
-    assert isinstance(cells, np.memmap) and cells.dtype == np.float16 and store.cam_activations is None
+    # Format 2: one compressed block per image in a memory-mapped file (storage/map_codec.py).
+    assert isinstance(cells, BlockCells) and isinstance(cells.data, np.memmap) and store.cam_activations is None
+    assert store.formats == {2} and cells.channels == 1280
     table = store.features.table
     # Ragged: these images have three map shapes (4x7, 6x4, 4x6), and each block is where the table says.
     assert table.shape == (9, 3) and len({(h, w) for _, h, w in table.tolist()}) == 3
-    assert cells.shape == (int((table[:, 1] * table[:, 2]).sum()), 1280)
-    assert sorted(table[:, 0].tolist()) == np.cumsum([0] + [h * w for _, h, w in sorted(table.tolist())])[:-1].tolist()
+    starts = np.sort(table[:, 0])
+    sizes = [read_header(cells.data, int(start)).size for start in starts]
+    assert starts[0] == 16 and (starts[1:] == starts[:-1] + sizes[:-1]).all() and starts[-1] + sizes[-1] == len(cells.data)
     assert not any(p.name.endswith((".spool", ".partial")) for p in index_dir.rglob("*"))
     X, _ = _maps_of(index, database / index.paths[4])
     stored = store.features.image(4)  # H x W x K, cell-major

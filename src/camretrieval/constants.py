@@ -40,7 +40,9 @@ DEFAULT_NPCA = 1  # N_pca: class vectors per image the PCA-whitening is learned 
 
 # --- the index folder (camretrieval.storage) ---
 
-ANN_KINDS = ("hnsw", "ivfpq")
+ANN_KINDS = ("hnsw", "ivf", "ivfpq")
+# index --ann ivf calibrates its search effort to this recall@100 unless --recall says otherwise (storage.ann.calibrate)
+DEFAULT_ANN_RECALL = 0.95
 DEFAULT_COMMIT_EVERY = 256
 DEFAULT_RAY_WORKERS = 2
 

@@ -54,7 +54,7 @@ def _settings(args: argparse.Namespace, whitening: PCAWhitening | None, n_classe
     class_list = _class_list(getattr(args, "class_list", None), args.backbone or learned.get("backbone", DEFAULT_BACKBONE), learned)
     return ExtractionSettings.from_pca(
         whitening, backbone=args.backbone, weights=args.weights, feature_layer=args.feature_layer, size=args.size,
-        pooling=args.pooling, n_classes=n_classes, class_list=class_list,
+        pooling=args.pooling, n_classes=n_classes, class_list=class_list, scales=getattr(args, "scales", None),
     )
 
 
@@ -168,14 +168,14 @@ def _index_settings(args: argparse.Namespace, whitening: PCAWhitening | None, re
     return ExtractionSettings.from_dict(
         {key: value for key, value in recorded.items() if key != "cam_layer"},  # the backbone's own, filled in again
         backbone=args.backbone, weights=args.weights, feature_layer=args.feature_layer, size=args.size,
-        pooling=args.pooling, n_classes=args.classes, class_list=class_list,
+        pooling=args.pooling, n_classes=args.classes, class_list=class_list, scales=args.scales,
     )
 
 
 # The option that sets each recorded setting.
 _SETTING_OPTIONS = {
     "backbone": "--backbone", "feature_layer": "--feature-layer", "size": "--size", "pooling": "--pooling",
-    "n_classes": "--classes", "class_list": "--class-list", "weights": "--weights",
+    "n_classes": "--classes", "class_list": "--class-list", "weights": "--weights", "scales": "--scales",
 }
 
 
@@ -202,16 +202,20 @@ def run_index(args: argparse.Namespace) -> int:
             "--dim and --npca size the whitening an index learns on its own collection; a --pca file brings its own "
             "(camretrieval fit-pca --dim D --npca N learns one)"
         )
+    _check_watch_arguments(args)
     from camretrieval.method.whitening import PCAWhitening
     from camretrieval.storage.writer import update_index, whitening_for_index
 
     meta = _existing_index_meta(args.index_dir)
+    _check_recall_argument(args, meta)
     recorded = meta.get("settings", {})
     whitening = PCAWhitening.load(args.pca) if args.pca is not None else None
     settings = _index_settings(args, whitening, recorded)
     _check_same_settings(args.index_dir, settings, recorded)
     if args.pca is None and args.whiten == "none" and not meta:
         print("whitening: none (--whiten none)", file=sys.stderr)
+    elif args.pca is None and args.watch and not meta and args.whiten == "auto" and _no_images_yet(args.images_dir):
+        print("whitening: none (the folder has no images yet; --pca FILE gives one)", file=sys.stderr)
     elif args.pca is None:
         whitening, note = whitening_for_index(
             args.index_dir, args.images_dir, settings, dim=args.dim or DEFAULT_WHITENING_DIM,
@@ -226,6 +230,8 @@ def run_index(args: argparse.Namespace) -> int:
         keep_maps = False
     else:  # an existing index keeps what it stores; a new one stores maps for the class-weighted pooling
         keep_maps = (meta["maps"] is not None) if meta else None
+    if args.watch:
+        return _watch(args, whitening, settings, keep_maps)
     report = update_index(
         args.index_dir,
         args.images_dir,
@@ -243,6 +249,7 @@ def run_index(args: argparse.Namespace) -> int:
         ray_workers=args.ray_workers,
         precision=args.precision,
         float16=args.float16,
+        ann_recall=args.recall,
     )
     _report_failures(report.failures, report.attempted)
     if report.failed_before:
@@ -254,12 +261,72 @@ def run_index(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if report.ann:
-        print(f"approximate index: {report.ann['kind']}, recall@100 {report.ann['recall_at_100']:.3f} against exact search")
+        print(f"approximate index: {report.ann['kind']}, recall@100 {report.ann['recall_at_100']:.3f} against exact search"
+              + _ann_effort(report.ann))
     rate = f" ({report.seconds / report.described:.3f} s per image)" if report.described else ""
     print(
         f"indexed {report.described} images ({report.added} new files, {report.updated} changed, "
         f"{len(report.failures)} unusable; {report.unchanged} unchanged) in {report.seconds:.1f} s{rate}: "
         f"{report.total} images in {args.index_dir}"
+    )
+    return 0
+
+
+def _ann_effort(ann: dict) -> str:
+    """", target 0.95: nprobe 40, k_factor 2" for an index calibrated to a recall target, else ""."""
+    if not ann.get("target"):
+        return ""
+    effort = ", ".join(f"{key} {value}" for key, value in (ann.get("effort") or {}).items())
+    return f" (target {ann['target']}: {effort})" if effort else f" (target {ann['target']})"
+
+
+def _check_recall_argument(args: argparse.Namespace, meta: dict) -> None:
+    """--recall needs an approximate index, given now or kept by the index, and is not a --watch option."""
+    if args.recall is None:
+        return
+    if args.watch:
+        raise CamRetrievalError(
+            "--recall is set once: run camretrieval index with --ann and --recall without --watch; --watch then keeps it"
+        )
+    if args.ann == "none" or (args.ann is None and not meta.get("ann_kind")):
+        raise CamRetrievalError(
+            "--recall sets the effort of an approximate index, and this index has none: add --ann ivf (or hnsw, ivfpq)"
+        )
+
+
+def _check_watch_arguments(args: argparse.Namespace) -> None:
+    if args.poll is not None and not args.watch:
+        raise CamRetrievalError("--poll sets how often --watch lists the folder: add --watch, or leave --poll out")
+    if args.watch and args.engine == "ray":
+        raise CamRetrievalError(
+            "--watch describes each batch of changes in this process: leave out --engine ray (index a large folder "
+            "once with --engine ray, then follow it with --watch)"
+        )
+
+
+def _no_images_yet(images_dir: Path) -> bool:
+    from camretrieval.extraction.images import find_images
+
+    return images_dir.is_dir() and not find_images(images_dir)
+
+
+def _watch(args: argparse.Namespace, whitening: PCAWhitening | None, settings: ExtractionSettings, keep_maps: bool | None) -> int:
+    """``index --watch``: follow the folder until Ctrl-C or SIGTERM, then say what was done (exit status 0)."""
+    from camretrieval.storage.watch import watch_folder
+
+    summary = watch_folder(
+        args.index_dir, args.images_dir, whitening, settings, keep_maps=keep_maps, batch_size=args.batch_size,
+        workers=args.workers, device=args.device, progress=not args.quiet, commit_every=args.commit_every,
+        ann=args.ann, precision=args.precision, float16=args.float16, poll=args.poll,
+    )
+    if summary.interrupted_batch:
+        print(
+            "stopped in the middle of a batch: what it committed is kept, the rest is described at the next start",
+            file=sys.stderr,
+        )
+    print(
+        f"stopped watching: {summary.added} added, {summary.updated} updated, {summary.removed} removed, "
+        f"{summary.unusable} unusable in {summary.batches} batches: {summary.total} images in {args.index_dir}"
     )
     return 0
 

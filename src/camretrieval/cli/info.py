@@ -23,6 +23,16 @@ def _folder_bytes(folder: Path, name_part: str | None = None) -> int:
     return total
 
 
+def _maps_formats(shards: Path) -> dict[str, int]:
+    """How many shard folders hold maps of each format (storage/maps.py: 2 compressed, 1 float16), by their files."""
+    counts: dict[str, int] = {}
+    for folder in shards.iterdir() if shards.is_dir() else []:
+        found = "2" if (folder / "features_maps.blocks").is_file() else "1" if (folder / "features_maps.npy").is_file() else None
+        if found:
+            counts[found] = counts.get(found, 0) + 1
+    return counts
+
+
 def index_info(index_dir: str | Path) -> dict[str, Any]:
     """What ``camretrieval info --json`` prints about the index in ``index_dir`` (see README.md)."""
     from camretrieval.method.whitening import PCAWhitening
@@ -70,10 +80,13 @@ def index_info(index_dir: str | Path) -> dict[str, Any]:
         "maps": {
             "stored": bool(meta.get("maps")),
             "bytes": _folder_bytes(index_dir / SHARDS, "_maps") if meta.get("maps") else 0,
+            "formats": _maps_formats(index_dir / SHARDS) if meta.get("maps") else {},
         },
         "ann": None if not meta.get("ann_kind") else {
             "kind": meta["ann_kind"],
             "recall_at_100": ann.get("recall_at_100") if ann else None,
+            "target": ann.get("target") if ann else meta.get("ann_recall"),
+            "effort": (ann.get("effort") or {}) if ann else {},
             "up_to_date": bool(ann) and ann.get("generation") == meta.get("generation"),
         },
         "bytes": _folder_bytes(index_dir),
@@ -128,11 +141,17 @@ def info_text(info: dict[str, Any]) -> str:
     maps = info["maps"]
     lines.append(("maps", f"stored ({_megabytes(maps['bytes'])}): search --online and --rerank work" if maps["stored"]
                   else "not stored (index --no-maps): no search --online or --rerank"))
+    if maps.get("formats", {}).get("1"):
+        lines.append(("maps format", f"{maps['formats']['1']} shards keep their maps in float16 (format 1): the next camretrieval "
+                          "index IMAGES_DIR INDEX_DIR re-encodes them losslessly, about 17x smaller"))
     ann = info["ann"]
     if ann is None:
         lines.append(("search", "exact"))
     else:
         recall = f", recall@100 {ann['recall_at_100']:.3f} against exact search" if ann["recall_at_100"] is not None else ""
+        if ann.get("target"):
+            effort = ", ".join(f"{key} {value}" for key, value in ann["effort"].items())
+            recall += f" (target {ann['target']}{': ' + effort if effort else ''})"
         state = "" if ann["up_to_date"] else " (out of date: searches are exact until camretrieval index rebuilds it)"
         lines.append(("search", f"approximate ({ann['kind']}){recall}{state}"))
     lines.append(("on disk", _megabytes(info["bytes"])))

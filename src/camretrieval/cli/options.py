@@ -78,6 +78,31 @@ def non_negative_number(text: str) -> float:
     return value
 
 
+def recall_target(text: str) -> float:
+    """An argparse type: a recall in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a recall between 0 and 1, e.g. 0.95; got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a recall in (0, 1] (a fraction of the true top 100), e.g. 0.95; got {text}")
+    return value
+
+
+recall_target.__name__ = "recall"
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above 0."""
+    value = non_negative_number(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
+positive_seconds.__name__ = "seconds"
+
+
 def box_text(text: str) -> tuple[float, float, float, float]:
     """An argparse type for ``"x1,y1,x2,y2"``: four numbers (:func:`camretrieval.constants.box_numbers`). Whether
     the box fits its image is checked when the image is read."""
@@ -88,6 +113,20 @@ def box_text(text: str) -> tuple[float, float, float, float]:
 
 
 box_text.__name__ = "box"
+
+
+def scales_text(text: str) -> tuple[float, ...]:
+    """An argparse type for ``"1,0.707,0.5"``: numbers in (0, 1], 1 among them (checked again by the settings)."""
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give factors of --size separated by commas, e.g. 1,0.707,0.5") from None
+    if not values or 1.0 not in values or not all(0 < value <= 1 for value in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: the scales must lie in (0, 1] and include 1, e.g. 1,0.707,0.5")
+    return values
+
+
+scales_text.__name__ = "scales"
 
 
 def _add_extraction_options(parser: argparse.ArgumentParser, defaults_from: str | None) -> None:
@@ -134,6 +173,14 @@ def _add_extraction_options(parser: argparse.ArgumentParser, defaults_from: str 
         + "; ".join(f"{name}: {text}" for name, text in POOLINGS.items() if name != "cam")
         + f" {default(DEFAULT_POOLING)}",
     )
+    parser.add_argument(
+        "--scales",
+        type=scales_text,
+        metavar="S,S,...",
+        help="multi-scale descriptors: each image also described at these factors of --size, the vectors of every "
+        "scale averaged (as cirtorch does), e.g. 1,0.707,0.5; each in (0, 1], 1 included; the stored maps are "
+        "the first scale's (docs/method.md) " + default("1: single-scale"),
+    )
     _add_run_options(parser)
     parser.add_argument(
         "--precision",
@@ -146,7 +193,11 @@ def _add_extraction_options(parser: argparse.ArgumentParser, defaults_from: str 
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=count(1), default=16, metavar="N", help="images per forward pass")
+    parser.add_argument(
+        "--batch-size", type=count(1), default=None, metavar="N",
+        help="images per forward pass (default: the fastest on this machine, measured once per backbone, size and "
+        "device, and cached)",
+    )
     parser.add_argument("--workers", type=count(0), default=DEFAULT_WORKERS, metavar="N", help="decoding processes")
     _add_device_option(parser)
 
@@ -255,9 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--ann",
         choices=[*ANN_KINDS, "none"],
         default=None,
-        help="also keep an approximate FAISS index for large collections (hnsw: a graph, fast and accurate; ivfpq: "
-        "compressed, for millions of images), rebuilt after every change, its recall@100 against exact search "
-        "printed; none: drop it (default: keep what the index has; a new index searches exactly)",
+        help="also keep an approximate FAISS index for large collections (ivf: inverted lists of compressed codes, "
+        "candidates re-scored exactly, for up to millions of images; hnsw: a graph, fast, slow to build; ivfpq: "
+        "compressed only, 1/14 of the memory, recall@100 under 0.9), rebuilt after every change, its recall@100 "
+        "against exact search printed; none: drop it (default: keep what the index has; a new index searches "
+        "exactly). docs/search_scale.md compares them",
+    )
+    index.add_argument(
+        "--recall",
+        type=recall_target,
+        default=None,
+        metavar="R",
+        help="the recall@100 against exact search the approximate index must keep: its search effort (lists "
+        "visited, candidates re-scored, efSearch) is set to the cheapest that reaches R on held-out images of the "
+        "collection (default: keep what the index has; a new ivf index: 0.95; hnsw and ivfpq: their fixed effort)",
     )
     index.add_argument(
         "--float16",
@@ -278,6 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     index.add_argument(
         "--ray-workers", type=count(1), default=DEFAULT_RAY_WORKERS, metavar="N", help="--engine ray: Ray workers"
+    )
+    index.add_argument(
+        "--watch",
+        action="store_true",
+        help="keep running after the update and follow the folder: images that appear, change, are renamed or "
+        "disappear are added, described again or removed, in batches of commits, searchable all along; Ctrl-C or "
+        "SIGTERM stops it cleanly (docs/dynamic.md)",
+    )
+    index.add_argument(
+        "--poll", type=positive_seconds, default=None, metavar="SECONDS",
+        help="--watch: list the folder every SECONDS instead of waiting for file-system events (for network file "
+        "systems; the default: events, and polling every 2 s where they cannot start)",
     )
 
     info = command(

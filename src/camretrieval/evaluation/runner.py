@@ -77,7 +77,7 @@ class _PoolingTimer:
 
 
 def _pool_files(
-    describer: Describer, variants: Sequence[Variant], paths: Sequence[str], root: Path, batch_size: int, workers: int,
+    describer: Describer, variants: Sequence[Variant], paths: Sequence[str], root: Path, batch_size: int | None, workers: int,
     progress: bool,
 ) -> tuple[dict[str, list[torch.Tensor | None]], _PoolingTimer, float, list]:
     """Every file's pooled vectors for each pooling (float16 to keep big sets in memory); None for unusable files."""
@@ -128,7 +128,7 @@ def fit_variant_whitenings(
     root: Path,
     dim: int = 512,
     n_pca: int = 1,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     workers: int = 2,
     progress: bool = True,
 ) -> dict[str, PCAWhitening]:
@@ -157,7 +157,7 @@ def evaluate_variants(
     dataset: RetrievalDataset,
     variants: Sequence[Variant],
     whitenings: dict[str, PCAWhitening],
-    batch_size: int = 16,
+    batch_size: int | None = None,
     workers: int = 2,
     progress: bool = True,
     keep_similarity: bool = False,

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from camretrieval.errors import CamRetrievalError
 from camretrieval.extraction.backbones import Backbone, load_backbone
+from camretrieval.extraction.calibration import ForwardSpeed, fastest_forward
 from camretrieval.extraction.images import (
     ImageFileDataset,
     check_image_size,
@@ -84,7 +86,7 @@ class Describer:
         backbone = load_backbone(settings.backbone, weights=settings.weights, feature_layer=settings.feature_layer)
         return cls(
             backbone, settings.size, settings.n_classes, whitening, device, settings.pooling, settings.class_list,
-            precision, weights=settings.weights,
+            precision, weights=settings.weights, scales=settings.scales,
         )
 
     def __init__(
@@ -98,6 +100,7 @@ class Describer:
         class_list: "ClassList | Sequence[int] | None" = None,
         precision: str = "float32",
         weights: str | None = None,
+        scales: Sequence[float] = (1.0,),
     ) -> None:
         if pooling not in POOLINGS:
             raise CamRetrievalError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
@@ -108,8 +111,10 @@ class Describer:
         if precision not in PRECISIONS:
             raise CamRetrievalError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
         self.device = _usable_device(device)
-        # Channels-last ("NHWC") lets the convolutions use their fastest kernels on CPU and on GPU tensor cores.
-        self.backbone = backbone.to(self.device).to(memory_format=torch.channels_last).eval()
+        # Channels-last ("NHWC") lets the convolutions use their fastest kernels on CPU and on GPU tensor cores; a
+        # calibration (:meth:`fastest_forward`) may choose otherwise for this machine.
+        self.memory_format = torch.channels_last
+        self.backbone = backbone.to(self.device).to(memory_format=self.memory_format).eval()
         self.precision = precision
         self.size = size
         self.pooling = pooling
@@ -126,8 +131,10 @@ class Describer:
         self.n_classes = n_classes
         listed = tuple(self.class_list.tolist()) if self.class_list is not None else None
         self.settings = ExtractionSettings(
-            backbone.name, backbone.feature_layer, backbone.cam_layer, size, pooling, listed, n_classes, weights
+            backbone.name, backbone.feature_layer, backbone.cam_layer, size, pooling, listed, n_classes, weights,
+            tuple(scales),
         )
+        self.scales = self.settings.scales
         self.whitening = whitening
         if whitening is not None:
             check_whitening(whitening, self.settings)
@@ -137,8 +144,23 @@ class Describer:
     @torch.inference_mode()
     def feature_maps(self, images: torch.Tensor) -> FeatureMaps:
         """The backbone's forward pass (in ``precision``, by autocast); the maps come back float32, on which the
-        CAM arithmetic (Eq. 1-4) is done."""
-        images = images.to(self.device).contiguous(memory_format=torch.channels_last)
+        CAM arithmetic (Eq. 1-4) is done. Multi-scale (``scales``): the images are also resized to each other
+        scale (bilinear, antialiased) and forwarded; those maps are the result's ``other_scales``."""
+        images = images.to(self.device).contiguous(memory_format=self.memory_format)
+        maps = self._forward(images)
+        height, width = images.shape[-2:]
+        stride = self.backbone.stride
+        others = []
+        for scale in self.scales[1:]:
+            size = (max(stride, round(height * scale)), max(stride, round(width * scale)))
+            scaled = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+            other = self._forward(scaled.contiguous(memory_format=self.memory_format))
+            other.input_scale = size[1] / width
+            others.append(other)
+        maps.other_scales = tuple(others)
+        return maps
+
+    def _forward(self, images: torch.Tensor) -> FeatureMaps:
         if self.precision == "float32":
             return self.backbone(images)
         with torch.autocast(self.device.type, dtype=getattr(torch, self.precision)):
@@ -162,6 +184,14 @@ class Describer:
         """D_I of each image (section 3); without a whitening, the l2-normalised sum of the vectors as they are."""
         with torch.inference_mode():
             return aggregate(vectors.vectors, self.whitening)
+
+    def fastest_forward(self, progress: bool = True) -> ForwardSpeed:
+        """The fastest batch size and memory layout of this describer's forward pass on its device (measured once
+        per machine and cached: :mod:`camretrieval.extraction.calibration`); the backbone is switched to that layout."""
+        speed = fastest_forward(self.backbone, self.size, self.device, self.precision, progress)
+        self.memory_format = speed.memory_format
+        self.backbone.to(memory_format=self.memory_format)
+        return speed
 
     # --- images in memory or on disk ---
 
@@ -209,7 +239,7 @@ class Describer:
         paths: Sequence[str | Path],
         root: str | Path | None = None,
         compute: Callable[[FeatureMaps], object] | None = None,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         workers: int = 2,
         progress: bool = True,
         failures: list[FileFailure] | None = None,
@@ -220,10 +250,12 @@ class Describer:
         (:func:`~camretrieval.extraction.images.shape_order`); same-shape images run through the backbone together
         (never padded: padding would change the features). Yields (indices into ``paths``, ``compute(maps)`` of
         those images' batch of :class:`~camretrieval.method.feature_maps.FeatureMaps`; default: their descriptors
-        D_I). Unusable files are reported, appended to ``failures`` and skipped; a progress bar shows files done,
-        rate and time left."""
+        D_I). ``batch_size`` None: the machine's fastest (:meth:`fastest_forward`). Unusable files are reported,
+        appended to ``failures`` and skipped; a progress bar shows files done, rate and time left."""
         if compute is None:
             compute = self.descriptors_of_maps
+        if batch_size is None:
+            batch_size = self.fastest_forward(progress).batch_size
         failures = failures if failures is not None else []
         backbone = self.backbone
         dataset = ImageFileDataset(paths, self.size, backbone.mean, backbone.std, backbone.stride, root)
@@ -260,7 +292,7 @@ class Describer:
         self,
         paths: Sequence[str | Path],
         root: str | Path | None = None,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         workers: int = 2,
         progress: bool = True,
     ) -> tuple[np.ndarray, list[int], list[FileFailure]]:
@@ -276,7 +308,7 @@ class Describer:
         paths: Sequence[str | Path],
         n_classes: int,
         root: str | Path | None = None,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         workers: int = 2,
         progress: bool = True,
     ) -> tuple[np.ndarray, np.ndarray, list[FileFailure]]:

@@ -27,7 +27,7 @@ def fit_whitening(
     root: str | Path | None = None,
     dim: int = 512,
     n_pca: int = 1,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     workers: int = 2,
     progress: bool = True,
     shrinkage: float | None = None,
@@ -86,7 +86,7 @@ def learn_classes(
     root: str | Path | None = None,
     top: int = DEFAULT_TOP,
     length: int = DEFAULT_LENGTH,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     workers: int = 2,
     progress: bool = True,
 ) -> tuple[ClassList, list[FileFailure]]:

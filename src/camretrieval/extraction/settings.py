@@ -21,6 +21,7 @@ from camretrieval.constants import (  # defined there, importable without torch 
     DEFAULT_SIZE,
     PRECISIONS,
 )
+from camretrieval.errors import CamRetrievalError
 from camretrieval.method.class_list import ClassList
 from camretrieval.method.whitening import PCAWhitening
 
@@ -29,15 +30,16 @@ __all__ = ["DEFAULT_BACKBONE", "DEFAULT_CLASSES", "DEFAULT_POOLING", "DEFAULT_SI
 
 # The settings that determine the vectors a whitening is learned on and applied to (N_c and the weights file's
 # location do not: a whitening learned on top-1 class vectors serves any N_c).
-VECTOR_KEYS = ("backbone", "feature_layer", "cam_layer", "size", "pooling", "class_list")
+VECTOR_KEYS = ("backbone", "feature_layer", "cam_layer", "size", "pooling", "class_list", "scales")
 
 
 @dataclass(frozen=True)
 class ExtractionSettings:
     """What determines the descriptors of images: the classifier (``backbone``, its ``weights`` file when not
     packaged, the ``feature_layer`` pooled, None for the backbone's own; ``cam_layer`` is the backbone's and is
-    filled in by the describer), the image ``size`` (shorter side), the ``pooling``, N_c (``n_classes``) and a
-    fixed ``class_list`` (paper section 4.3; N_c is then its length).
+    filled in by the describer), the image ``size`` (shorter side), the ``pooling``, N_c (``n_classes``), a
+    fixed ``class_list`` (paper section 4.3; N_c is then its length) and the ``scales`` each image is also
+    described at (multi-scale: factors of ``size`` in (0, 1], 1 first; (1.0,): single-scale).
 
     >>> settings = ExtractionSettings.from_pca(PCAWhitening.load("pca.npz"), n_classes=32)
     >>> describer = Describer.from_settings(settings, whitening)    # loads the backbone
@@ -52,8 +54,10 @@ class ExtractionSettings:
     class_list: tuple[int, ...] | None = None
     n_classes: int = DEFAULT_CLASSES
     weights: str | None = None  # an absolute path, or None for the packaged weights
+    scales: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "scales", checked_scales(self.scales))
         if isinstance(self.class_list, ClassList):  # a learned list: only for the classifier it was learned with
             object.__setattr__(self, "class_list", self.class_list.check(self.backbone).classes)
         if self.class_list is not None:
@@ -84,15 +88,37 @@ class ExtractionSettings:
         return cls.from_dict(learned, **overrides)
 
     def to_dict(self) -> dict:
-        """The settings as JSON-ready values, as an index records them; ``class_list`` only when there is one."""
+        """The settings as JSON-ready values, as an index records them; ``class_list`` only when there is one,
+        ``scales`` only when there are several."""
         settings = dataclasses.asdict(self)
         if self.class_list is None:
             del settings["class_list"]
         else:
             settings["class_list"] = list(self.class_list)
+        if self.scales == (1.0,):  # what every single-scale index and PCA file recorded before scales existed
+            del settings["scales"]
+        else:
+            settings["scales"] = list(self.scales)
         return settings
 
     def vector_settings(self) -> dict:
         """The settings that a PCA-whitening must share with the descriptors it whitens (:data:`VECTOR_KEYS`)."""
         settings = self.to_dict()
         return {key: settings.get(key) for key in VECTOR_KEYS}
+
+
+def checked_scales(scales: Any) -> tuple[float, ...]:
+    """``scales`` as the settings keep them: distinct factors in (0, 1], largest (1) first. Scales above 1 are
+    refused: the other scales are resized from the image at ``size``, which has no more pixels to give."""
+    if isinstance(scales, str):
+        scales = [part for part in scales.replace(" ", "").split(",") if part]
+    try:
+        values = sorted({float(scale) for scale in scales}, reverse=True)
+    except (TypeError, ValueError):
+        raise CamRetrievalError(f"scales must be numbers such as 1,0.707,0.5; got {scales!r}") from None
+    if not values or values[0] != 1.0 or values[-1] <= 0:
+        raise CamRetrievalError(
+            f"scales must include 1 and lie in (0, 1] (factors of --size: 1,0.707,0.5 describes each image at "
+            f"size, size/sqrt 2 and size/2); got {', '.join(f'{v:g}' for v in values) or 'none'}"
+        )
+    return tuple(values)

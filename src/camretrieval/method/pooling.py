@@ -140,18 +140,26 @@ def class_weighted_vectors(
     bias: torch.Tensor | None,
     n_classes: int,
     class_list: torch.Tensor | Sequence[int] | None = None,
+    classes: torch.Tensor | None = None,
 ) -> PooledVectors:
     """METHOD.md sections 1-2 on a batch: top-N_c classes, their CAMs (Eq. 1, normalised), and Eq. 2-4. With a
     ``class_list`` (section 4.3, :mod:`camretrieval.method.class_list`), every image's classes are that list's first
-    ``n_classes`` instead of its own top classes."""
-    if class_list is None:
-        classes = top_classes(class_logits(maps.cam_activations, weight, bias), n_classes)
-    else:
-        listed = torch.as_tensor(class_list, dtype=torch.long, device=weight.device)[:n_classes]
-        classes = listed.expand(maps.cam_activations.shape[0], -1)
+    ``n_classes`` instead of its own top classes; ``classes`` (B x N) gives each image's classes outright."""
+    if classes is None:
+        classes = _chosen_classes(class_logits(maps.cam_activations, weight, bias), n_classes, class_list)
     cams = normalize_cams(class_activation_maps(maps.cam_activations, weight, classes))
     cams = resize_cams(cams, tuple(maps.features.shape[-2:]))
     return PooledVectors(class_vectors(maps.features, cams), classes)
+
+
+def _chosen_classes(
+    logits: torch.Tensor, n_classes: int, class_list: torch.Tensor | Sequence[int] | None
+) -> torch.Tensor:
+    """Each image's top-``n_classes`` classes by ``logits`` (B x C), or the class list's first ``n_classes``."""
+    if class_list is None:
+        return top_classes(logits, n_classes)
+    listed = torch.as_tensor(class_list, dtype=torch.long, device=logits.device)[:n_classes]
+    return listed.expand(logits.shape[0], -1)
 
 
 _BASELINES = {"sum": sum_pooling, "sum-cw": lambda x: sum_pooling(x) * channel_weights(x), "crow": crow_pooling,
@@ -167,7 +175,10 @@ def pooled_vectors(
     class_list: torch.Tensor | Sequence[int] | None = None,
 ) -> PooledVectors:
     """The vectors of ``pooling`` (see :data:`POOLINGS`) on a batch of maps; ``n_classes`` and ``class_list`` only
-    matter for "cam"."""
+    matter for "cam". Maps with :attr:`~FeatureMaps.other_scales` give multi-scale vectors
+    (:func:`multiscale_vectors`)."""
+    if maps.other_scales:
+        return multiscale_vectors(maps, pooling, weight, bias, n_classes, class_list)
     if pooling == "cam":
         return class_weighted_vectors(maps, weight, bias, n_classes, class_list)
     if pooling == "rmac":
@@ -175,3 +186,32 @@ def pooled_vectors(
     if pooling not in _BASELINES:
         raise CamRetrievalError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
     return PooledVectors(F.normalize(_BASELINES[pooling](maps.features), dim=-1).unsqueeze(1))
+
+
+def multiscale_vectors(
+    maps: FeatureMaps,
+    pooling: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    n_classes: int,
+    class_list: torch.Tensor | Sequence[int] | None = None,
+) -> PooledVectors:
+    """Multi-scale vectors, as cirtorch pools them (the mean of the l2-normalised vectors of each scale, l2-normalised
+    again), from ``maps`` and its :attr:`~FeatureMaps.other_scales`:
+
+    - "cam": each image's top-N_c classes by its logits averaged over the scales (the same classes at every scale),
+      then each class's vector f^c (Eq. 2-4) averaged over the scales: still one vector per class, so N_c,
+      PCA-whitening and aggregation (section 3) apply unchanged;
+    - "rmac": the regions of every scale together (R-MAC sums its regions anyway);
+    - the other baselines: one vector per image, averaged over the scales.
+    """
+    scales = [FeatureMaps(scale.features, scale.cam_activations) for scale in (maps, *maps.other_scales)]
+    if pooling == "cam":
+        logits = torch.stack([class_logits(scale.cam_activations, weight, bias) for scale in scales]).mean(dim=0)
+        classes = _chosen_classes(logits, n_classes, class_list)
+        vectors = [class_weighted_vectors(scale, weight, bias, n_classes, classes=classes).vectors for scale in scales]
+        return PooledVectors(F.normalize(torch.stack(vectors).mean(dim=0), dim=-1), classes)
+    vectors = [pooled_vectors(scale, pooling, weight, bias, n_classes, class_list).vectors for scale in scales]
+    if pooling == "rmac":
+        return PooledVectors(torch.cat(vectors, dim=1))
+    return PooledVectors(F.normalize(torch.stack(vectors).mean(dim=0), dim=-1))

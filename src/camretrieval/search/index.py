@@ -1,7 +1,7 @@
 """An index of a collection of images: descriptors, their paths, the settings that made them, and FAISS search.
 
 On disk an index is a folder that grows and shrinks (:mod:`camretrieval.storage`: a SQLite catalog, immutable shards
-of descriptors and float16 feature maps, the whitening; no pickles), written only by
+of descriptors and compressed float16 feature maps, the whitening; no pickles), written only by
 :mod:`camretrieval.storage.writer`: :meth:`Index.build` runs that writer into a folder (a temporary one unless told)
 and opens the result, :meth:`Index.save` writes an index's content through it, and :meth:`Index.open` reads a
 folder as of its last commit into memory.
@@ -98,7 +98,7 @@ class Index:
         feature_layer: str | None = None,
         size: int = DEFAULT_SIZE,
         n_classes: int = DEFAULT_CLASSES,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         workers: int = 2,
         device: str = "cpu",
         progress: bool = True,
@@ -106,6 +106,7 @@ class Index:
         keep_maps: bool | None = None,
         index_dir: str | Path | None = None,
         class_list: Sequence[int] | None = None,
+        scales: Sequence[float] = (1.0,),
     ) -> tuple["Index", list[FileFailure]]:
         """Describe every image under ``image_root`` (recursively) into an index folder and open it. Returns the
         index and the files skipped.
@@ -113,17 +114,18 @@ class Index:
         ``whitening`` None makes unwhitened descriptors (the "raw" baselines); ``pooling`` picks a baseline
         instead of the class-weighted descriptor (see :data:`camretrieval.method.pooling.POOLINGS`).
 
-        ``keep_maps`` (default: for the class-weighted pooling) also stores every image's maps in float16 for
-        online aggregation and re-ranking (about 0.7 MB per 448 x 597 image with efficientnet_lite0, 266 cells x
-        1280 channels x 2 bytes). The folder is ``index_dir`` (grown if it holds an index of the same settings), or
+        ``keep_maps`` (default: for the class-weighted pooling) also stores every image's maps (float16 values,
+        compressed losslessly: about 37 kB per 448 px image with efficientnet_lite0, :mod:`camretrieval.storage.maps`)
+        for online aggregation and re-ranking. The folder is ``index_dir`` (grown if it holds an index of the same settings), or
         a temporary one that lives as long as the returned index; :meth:`save` writes it elsewhere.
 
         ``class_list`` (a :class:`camretrieval.method.class_list.ClassList` or class indices; default: the
         whitening's, if it was learned with one): every image aggregated over exactly those classes (paper section
-        4.3), N_c = its length; recorded in the settings, so queries are described alike."""
+        4.3), N_c = its length; recorded in the settings, so queries are described alike. ``scales``: multi-scale
+        descriptors (factors of ``size``, :class:`~camretrieval.extraction.settings.ExtractionSettings`)."""
         settings = ExtractionSettings(
             backbone=backbone, feature_layer=feature_layer, size=size, pooling=pooling, class_list=class_list,
-            n_classes=n_classes, weights=weights,
+            n_classes=n_classes, weights=weights, scales=tuple(scales),
         )
         temporary = None
         if index_dir is None:

@@ -44,13 +44,12 @@ def online_descriptors(
     classes = check_class_indices(classes, weight.shape[0]).to(weight.device)
     out: np.ndarray | None = None
     position = {int(image): i for i, image in enumerate(images)}
-    for group in store.shape_groups(images, batch_size):
-        features, activations = store.load(group, weight.device)
-        positives = torch.from_numpy(store.features.positives[group]).to(weight.device)
-        descriptors = aggregate(online_class_vectors(features, activations, weight, classes, positives), whitening)
+    for batch in store.batches(images, batch_size, weight.device):  # the next batch decodes meanwhile
+        vectors = online_class_vectors(batch.features, batch.cam_activations, weight, classes, batch.positives)
+        descriptors = aggregate(vectors, whitening)
         if out is None:
             out = np.empty((len(images), descriptors.shape[1]), dtype=np.float32)
-        out[[position[int(i)] for i in group]] = descriptors.float().cpu().numpy()
+        out[[position[int(i)] for i in batch.images]] = descriptors.float().cpu().numpy()
     if out is None:
         dim = whitening.dim_ if whitening is not None else store.features.channels
         return np.zeros((0, dim), dtype=np.float32)

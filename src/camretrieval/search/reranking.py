@@ -94,8 +94,8 @@ def region_scores(
     descriptors = np.empty((len(candidates), query.numel()), dtype=np.float32)
     best_boxes: list[CellBox | None] = [None] * len(candidates)
     position = {int(c): i for i, c in enumerate(candidates)}
-    for group in store.shape_groups(candidates, batch_size):
-        features, activations = store.load(group, weight.device)
+    for batch in store.batches(candidates, batch_size, weight.device):  # the next batch decodes meanwhile
+        group, features, activations = batch.images, batch.features, batch.cam_activations
         # The heatmap: mean of the whole-image normalised CAMs of the query's top classes (Eq. 1, section 5).
         raw_cams = cell_major_cams(activations, class_weights)
         heatmaps = proposal_heatmap(normalize_cams(raw_cams), heatmap_classes)

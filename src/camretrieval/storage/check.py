@@ -6,13 +6,15 @@ describing again, from the images on disk, the images whose shard is damaged (:f
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from camretrieval.storage.catalog import ANN, IndexStore
-from camretrieval.storage.maps import LAYERS, maps_file_names
+from camretrieval.storage.map_codec import MapsDamagedError
+from camretrieval.storage.maps import LAYERS, BlockCells, maps_files, shard_maps_format, upgrade_shard_maps
 from camretrieval.storage.shards import DESCRIPTORS
 
 
@@ -68,15 +70,56 @@ def _shard_problem(folder: Path, rows: int, meta: dict) -> str | None:
         if len(shape) != 2 or shape[0] < rows or (meta.get("dim") and shape[1] != meta["dim"]):
             return f"{DESCRIPTORS} holds shape {shape}, the catalog needs {rows} rows of {meta.get('dim')}"
         if meta.get("maps"):
-            layers = LAYERS[: 2 if meta["maps"].get("separate_cam_layer") else 1]
-            for layer in layers:
-                cells_name, table_name, positives_name = maps_file_names(layer)
-                npy_shape(folder / cells_name)
-                if npy_shape(folder / table_name)[0] < rows or npy_shape(folder / positives_name)[0] < rows:
-                    return f"the maps of {layer} describe fewer images than the catalog names"
+            problem = _maps_problem(folder, rows, bool(meta["maps"].get("separate_cam_layer")))
+            if problem:
+                return problem
     except (OSError, ValueError) as error:
         return f"missing or damaged file ({error})"
     return None
+
+
+def _maps_problem(folder: Path, rows: int, separate_cam_layer: bool) -> str | None:
+    """What is wrong with a shard's maps files (either format), or None. Format 2: every block's header is read and
+    its sections must end within the file; the blocks are not decoded (a damaged section is found, and named, when
+    it is decoded)."""
+    maps_format = shard_maps_format(folder)
+    if maps_format is None:
+        return "its maps files are missing"
+    for layer in LAYERS[: 2 if separate_cam_layer else 1]:
+        names = maps_files(layer, maps_format)
+        tables = [npy_shape(folder / name) for name in names[1:]]  # the table (and format 1's positive counts)
+        if any(shape[0] < rows for shape in tables):
+            return f"the maps of {layer} describe fewer images than the catalog names"
+        if maps_format == 1:
+            npy_shape(folder / names[0])
+            continue
+        try:
+            blocks = BlockCells(np.memmap(folder / names[0], dtype=np.uint8, mode="r"), folder / names[0])
+            blocks.check_blocks(np.load(folder / names[1], allow_pickle=False)[:, 0])
+        except MapsDamagedError as error:
+            return f"damaged maps of {layer} ({error})"
+    return None
+
+
+def maps_formats(store: IndexStore) -> dict[int, list[str]]:
+    """The shards of the index that hold maps, by maps format (1: float16, written before issue 14; 2: compressed)."""
+    formats: dict[int, list[str]] = {}
+    for (shard,) in store.connection.execute("SELECT DISTINCT shard FROM images WHERE status = 'done'").fetchall():
+        maps_format = shard_maps_format(store.shard_path(shard))
+        if maps_format is not None:
+            formats.setdefault(maps_format, []).append(shard)
+    return formats
+
+
+def upgrade_maps(store: IndexStore, progress: bool = False) -> int:
+    """Re-encode every format 1 shard of the index into format 2 (:func:`camretrieval.storage.maps.upgrade_shard_maps`:
+    lossless, 17x smaller). Needs the writer lock (:meth:`IndexStore.writing`). Returns the shards upgraded."""
+    meta = store.meta()
+    old = maps_formats(store).get(1, []) if meta.get("maps") else []
+    if old and progress:
+        print(f"re-encoding the maps of {len(old)} shards into the compressed format 2 (lossless)", file=sys.stderr)
+    separate = bool(meta["maps"].get("separate_cam_layer")) if old else False
+    return sum(upgrade_shard_maps(store.shard_path(shard), separate) for shard in old)
 
 
 def repair(store: IndexStore, damages: list[Damage]) -> int:

@@ -6,34 +6,35 @@ feature layer's maps X, and the CAM layer's activations A only when that layer d
 (efficientnet_lite*, resnet50 and densenet161 use one layer for both; VGG-16-CAM does not). From X and A any class's
 CAM (Eq. 1), any region's crop and any class vector (Eq. 2-4) can be recomputed exactly as at index time.
 
-Layout of one layer, in each shard folder of an index (:mod:`camretrieval.storage.catalog`), plain ``.npy`` files read with
-``allow_pickle=False``:
+The values are the activations rounded to float16 (11 significant bits: relative error at most 2^-11 per value,
+signs kept, values beyond 65504 clipped): OnA descriptors from the stored maps differ from those of fresh float32
+maps by at most 1.7e-5 (scores 8e-6) on clutter-dev at 448 px. Two formats hold them, chosen per shard folder (the
+files present say which: an index may hold both while it is being upgraded):
 
-- ``<layer>_maps.npy``: float16, shape (total cells, K): every image's H x W cells in row-major order, one row of
-  K channels per cell ("cell-major": CAMs and class vectors are then plain matrix products with the rows);
-- ``<layer>_maps_table.npy``: int64, shape (N images, 3): (offset of the image's first row, H, W), in descriptor
-  order. Images have different sizes, so the cells are ragged; the table says where each image's block is;
-- ``<layer>_maps_positive.npy``: int32, shape (N images, K): in how many of the image's cells channel k is positive
-  (counted on the stored float16 values). That is Eq. 2's Q_k times H x W, so the CroW channel weights of a whole
-  image (Eq. 3), which online aggregation needs for every image and every query, cost nothing at query time: counting
-  them is a full pass over the maps, as long as the CAM arithmetic itself for a few classes.
+- **format 2** (written since issue 14), per layer ``<layer>_maps.blocks``: a 16-byte file header (``CAMRMAPS``,
+  format, channels K), then one compressed block per image (:mod:`camretrieval.storage.map_codec`: the non-zero
+  float16 values and their positions, zstd; lossless, about 40 kB for a 448 px image with efficientnet_lite0,
+  17x smaller than format 1), and ``<layer>_maps_blocks.npy`` (int64, N x 3: the byte offset of each image's block,
+  H, W; in descriptor order). One image's maps decode on their own; the counts of positive cells per channel
+  (Eq. 2's Q_k times H x W) come out of the decoding, exactly.
+- **format 1** (indexes written before), per layer ``<layer>_maps.npy`` (float16, all images' cells x K,
+  cell-major, memory-mapped), ``<layer>_maps_table.npy`` (int64, N x 3: first row, H, W) and
+  ``<layer>_maps_positive.npy`` (the positive counts, no longer read: they are counted from the cells). 2 bytes x
+  K x cells per image: 681 kB at 448 px. Still read; ``camretrieval index`` re-encodes such shards into format 2
+  (:func:`upgrade_shard_maps`, lossless: the same float16 values).
 
-float16 keeps 11 significant bits (relative error at most 2^-11 = 0.05% per value), halves the file against
-float32, and keeps the sign of every activation, so CroW's Q_k (Eq. 2) is unchanged except for positive values
-under 6e-8 that round to 0. Values beyond float16's range (65504) are clipped to it. With efficientnet_lite0, 95%
-of the head's activations are exactly 0 or 6 (ReLU6), which float16 holds exactly: OnA descriptors from the stored
-maps differ from those of fresh float32 maps by at most 1.7e-5 (scores by 8e-6) on clutter-dev at 448 px. The maps
-file is opened memory-mapped: searching reads only the images it needs, through the page cache.
-
-Size: 2 bytes x K x cells per image, e.g. 681 kB for a 4:3 image at 448 px with efficientnet_lite0 (14 x 19 cells x
-1280 channels), 722 kB on average on clutter-dev; plus 16 bytes of table and 4K bytes of counts. 5k images: 3.4 GB.
+Either way the reader gives float32 tensors, cell-major (one row of K channels per cell: CAMs and class vectors are
+then plain matrix products with the rows), of images of one map shape at a time (:meth:`MapStore.batches`, which
+decodes the next batch on a second thread while the caller computes on this one).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,14 +42,25 @@ import numpy as np
 import torch
 
 from camretrieval.errors import CamRetrievalError
-from camretrieval.storage.files import write_atomically
+from camretrieval.storage.files import fsync_directory, write_atomically
+from camretrieval.storage.map_codec import MapsDamagedError, decode_block, decode_into, encode_block, read_header
 
+MAPS_FORMAT = 2  # what is written
 MAPS_DTYPE = np.dtype("<f2")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
-# The .npy header is written once as a placeholder and again, with the final number of rows, when the file is
-# complete: a fixed length (a multiple of 64, as the format recommends) lets the second write overwrite the first.
+# Format 1: the .npy header is written once as a placeholder and again, with the final number of rows, when the file
+# is complete: a fixed length (a multiple of 64, as the format recommends) lets the second write overwrite the first.
 _HEADER_LENGTH = 128
+# Format 2: the blocks file's header: magic, format, channels.
+_BLOCKS_HEADER = struct.Struct("<8sII")
+_BLOCKS_MAGIC = b"CAMRMAPS"
 LAYERS = ("features", "cam_activations")
+
+__all__ = [
+    "LAYERS", "MAPS_FORMAT", "BlockCells", "DenseCells", "LoadedMaps", "MapStore", "MapStoreWriter",
+    "MapsDamagedError", "MapsNotStoredError", "RaggedMaps", "maps_file_names", "maps_files", "shard_maps_format",
+    "upgrade_shard_maps",
+]
 
 
 def count_positives(cells: np.ndarray) -> np.ndarray:
@@ -76,8 +88,29 @@ def require_maps(maps: "MapStore | None", what: str) -> "MapStore":
 
 
 def maps_file_names(layer: str) -> tuple[str, str, str]:
-    """(cells file, table file, positive-counts file) of a layer (``"features"`` or ``"cam_activations"``)."""
+    """Format 1's (cells file, table file, positive-counts file) of a layer (``"features"`` or ``"cam_activations"``)."""
     return f"{layer}_maps.npy", f"{layer}_maps_table.npy", f"{layer}_maps_positive.npy"
+
+
+def maps_files(layer: str, maps_format: int) -> tuple[str, ...]:
+    """The files of a layer in a shard folder: format 2 (blocks, table) or format 1 (cells, table, positive counts)."""
+    if maps_format == 2:
+        return f"{layer}_maps.blocks", f"{layer}_maps_blocks.npy"
+    if maps_format == 1:
+        return maps_file_names(layer)
+    raise CamRetrievalError(f"unknown maps format {maps_format}: this camretrieval reads formats 1 and 2")
+
+
+def shard_maps_format(directory: str | Path) -> int | None:
+    """The maps format of a shard folder (2 when its blocks file is there, else 1 when its float16 file is), or
+    None when it holds no maps. Format 2's table is written before its blocks file, so seeing the blocks file means
+    the shard's format 2 files are complete (an upgrade may then delete the format 1 files)."""
+    directory = Path(directory)
+    if (directory / maps_files("features", 2)[0]).is_file():
+        return 2
+    if (directory / maps_files("features", 1)[0]).is_file():
+        return 1
+    return None
 
 
 def _npy_header(shape: tuple[int, ...]) -> bytes:
@@ -91,89 +124,183 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
     return header
 
 
+class DenseCells:
+    """Format 1: the float16 cells (rows x K, cell-major) of the images of a shard; an image is ``count`` rows from
+    row ``start``."""
+
+    maps_format = 1
+
+    def __init__(self, cells: np.ndarray) -> None:
+        if cells.ndim != 2:
+            raise CamRetrievalError(f"maps cells of shape {cells.shape}")
+        self.cells = cells
+        self.channels = int(cells.shape[1])
+        self.nbytes = int(cells.nbytes)
+
+    def check(self, starts: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> None:
+        if len(starts) and (starts.min() < 0 or (starts + heights * widths).max() > len(self.cells)):
+            raise CamRetrievalError("the maps table points outside the maps files")
+
+    def float16(self, start: int, height: int, width: int) -> np.ndarray:
+        return self.cells[start : start + height * width]
+
+    def read_into(self, start: int, height: int, width: int, out: np.ndarray) -> np.ndarray:
+        """Write the image's maps into ``out`` (cells x K, float32) and return its positive counts per channel."""
+        out[...] = self.float16(start, height, width)
+        return count_positives(out)
+
+
+class BlockCells:
+    """Format 2: a shard's blocks file (memory-mapped bytes); an image is the block at byte ``start``."""
+
+    maps_format = 2
+
+    def __init__(self, data: np.ndarray, location: Path | None = None) -> None:
+        self.data = data
+        self.location = location
+        if len(data) < _BLOCKS_HEADER.size:
+            raise MapsDamagedError(f"{location or 'a maps blocks file'} is truncated ({len(data)} bytes)")
+        magic, maps_format, channels = _BLOCKS_HEADER.unpack_from(data, 0)
+        if magic != _BLOCKS_MAGIC or maps_format != 2:
+            raise MapsDamagedError(f"{location or 'this file'} is not a camretrieval maps blocks file (format 2)")
+        self.channels = int(channels)
+        self.nbytes = int(len(data))
+
+    def check(self, starts: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> None:
+        if len(starts) and (starts.min() < _BLOCKS_HEADER.size or starts.max() >= len(self.data)):
+            raise CamRetrievalError("the maps table points outside the maps files")
+
+    def check_blocks(self, starts: np.ndarray) -> None:
+        """Every block's header is there and its sections end within the file (no decoding)."""
+        for start in np.asarray(starts).tolist():
+            read_header(self.data, start)
+
+    def _decode(self, start: int, height: int, width: int):
+        try:
+            return decode_block(self.data, start, height, width, self.channels)
+        except MapsDamagedError as error:
+            raise MapsDamagedError(
+                f"the stored maps in {self.location or 'a maps blocks file'} are damaged ({error}): "
+                "camretrieval index IMAGES_DIR INDEX_DIR finds damaged shards and describes their images again"
+            ) from error
+
+    def float16(self, start: int, height: int, width: int) -> np.ndarray:
+        out = np.empty((height * width, self.channels), dtype=np.float16)
+        decode_into(self._decode(start, height, width), out)
+        return out
+
+    def read_into(self, start: int, height: int, width: int, out: np.ndarray) -> np.ndarray:
+        return decode_into(self._decode(start, height, width), out)
+
+
 @dataclass
 class RaggedMaps:
-    """One layer's maps of N images: ``parts`` (arrays of cells x K, float16, usually memory-mapped: one per shard of
-    the index), ``table`` (N x 3 int64: the image's first row in its part, height, width), ``part`` (N: which part
-    each image is in; all in part 0 when not given) and ``positives`` (N x K int32: the number of cells where each
-    channel is positive; computed from the cells when not given)."""
+    """One layer's maps of N images: ``parts`` (one per shard of the index: :class:`DenseCells` or
+    :class:`BlockCells`; a plain float16 array, cells x K, is taken as :class:`DenseCells`), ``table`` (N x 3 int64:
+    where the image is in its part, height, width) and ``part`` (N: which part each image is in; all in part 0 when
+    not given)."""
 
-    parts: list[np.ndarray]
+    parts: list
     table: np.ndarray
-    positives: np.ndarray | None = None
     part: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.parts, np.ndarray):
+        if isinstance(self.parts, (np.ndarray, DenseCells, BlockCells)):
             self.parts = [self.parts]
+        self.parts = [DenseCells(p) if isinstance(p, np.ndarray) else p for p in self.parts]
         if self.part is None:
             self.part = np.zeros(len(self.table), dtype=np.int64)
-        if any(cells.ndim != 2 or cells.shape[1] != self.parts[0].shape[1] for cells in self.parts):
-            raise CamRetrievalError(f"maps parts of shapes {[cells.shape for cells in self.parts]}")
+        self.table = np.asarray(self.table, dtype=np.int64)
+        if any(p.channels != self.parts[0].channels for p in self.parts):
+            raise CamRetrievalError(f"maps parts of {[p.channels for p in self.parts]} channels")
         if self.table.ndim != 2 or self.table.shape[1] != 3 or self.part.shape != (len(self.table),):
             raise CamRetrievalError(f"a maps table of shape {self.table.shape} with {self.part.shape} part numbers")
-        if self.positives is None:
-            self.positives = np.stack([count_positives(self.image(i).reshape(-1, self.channels)) for i in range(len(self.table))]) \
-                if len(self.table) else np.zeros((0, self.channels), dtype=np.int32)
-        if self.positives.shape != (len(self.table), self.channels):
-            raise CamRetrievalError(f"positive counts of shape {self.positives.shape} for {len(self.table)} images")
         if len(self.table):
-            ends = self.table[:, 0] + self.table[:, 1] * self.table[:, 2]
-            sizes = np.array([len(cells) for cells in self.parts])
-            if self.table.min() < 0 or self.part.min() < 0 or self.part.max() >= len(sizes) or (ends > sizes[self.part]).any():
+            if self.table[:, 1:].min() < 0 or self.part.min() < 0 or self.part.max() >= len(self.parts):
                 raise CamRetrievalError("the maps table points outside the maps files")
+            for number, cells in enumerate(self.parts):
+                rows = self.table[self.part == number]
+                cells.check(rows[:, 0], rows[:, 1], rows[:, 2])
 
     @classmethod
     def gather(cls, layers: Sequence["RaggedMaps"], which: np.ndarray, rows: np.ndarray) -> "RaggedMaps":
         """The maps of images taken from several single-part layers (one per shard): image i is image ``rows[i]``
         of ``layers[which[i]]``. Nothing is copied but the tables: the cells stay where they are."""
         which, rows = np.asarray(which, dtype=np.int64), np.asarray(rows, dtype=np.int64)
-        channels = layers[0].channels if layers else 0
         table = np.zeros((len(rows), 3), dtype=np.int64)
-        positives = np.zeros((len(rows), channels), dtype=np.int32)
         for number, layer in enumerate(layers):
             if len(layer.parts) != 1:
                 raise CamRetrievalError("RaggedMaps.gather takes single-part layers")
             mine = which == number
             table[mine] = layer.table[rows[mine]]
-            positives[mine] = layer.positives[rows[mine]]
-        parts = [layer.parts[0] for layer in layers] or [np.zeros((0, channels), MAPS_DTYPE)]
-        return cls(parts, table, positives, which)
+        parts = [layer.parts[0] for layer in layers] or [np.zeros((0, 0), MAPS_DTYPE)]
+        return cls(parts, table, which)
 
     @property
     def channels(self) -> int:
-        return int(self.parts[0].shape[1])
+        return self.parts[0].channels
 
     @property
     def nbytes(self) -> int:
         return sum(cells.nbytes for cells in self.parts) + self.table.nbytes
 
+    @property
+    def formats(self) -> set[int]:
+        return {cells.maps_format for cells in self.parts}
+
     def shape(self, image: int) -> tuple[int, int]:
         return int(self.table[image, 1]), int(self.table[image, 2])
 
-    def _cells(self, image: int, count: int) -> np.ndarray:
-        offset = int(self.table[image, 0])
-        return self.parts[int(self.part[image])][offset : offset + count]
-
     def image(self, image: int) -> np.ndarray:
-        """The stored maps of one image, H x W x K float16 (a view of the file)."""
-        height, width = self.shape(image)
-        return self._cells(image, height * width).reshape(height, width, self.channels)
+        """The stored maps of one image, H x W x K float16 (format 1: a view of the file; format 2: decoded)."""
+        start, height, width = (int(v) for v in self.table[image])
+        cells = self.parts[int(self.part[image])].float16(start, height, width)
+        return cells.reshape(height, width, self.channels)
 
-    def load(self, images: Sequence[int] | np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The maps of images that all have the same H x W, as one float32 tensor B x H x W x K (cell-major)."""
+    def read(self, images: Sequence[int] | np.ndarray, out: torch.Tensor) -> torch.Tensor:
+        """Decode images that all have the same H x W into ``out`` (B x cells x K float32, contiguous, on the CPU);
+        returns their counts of positive cells per channel (B x K int32, Eq. 2)."""
         images = np.asarray(images, dtype=np.int64)
+        target = out.numpy()
+        positives = np.empty((len(images), self.channels), dtype=np.int32)
+        for row, image in enumerate(images.tolist()):
+            start, height, width = (int(v) for v in self.table[image])
+            positives[row] = self.parts[int(self.part[image])].read_into(start, height, width, target[row])
+        return torch.from_numpy(positives)
+
+    def _group_shape(self, images: np.ndarray) -> tuple[int, int]:
         heights, widths = self.table[images, 1], self.table[images, 2]
         if len(images) == 0 or (heights != heights[0]).any() or (widths != widths[0]).any():
             raise CamRetrievalError("RaggedMaps.load takes a non-empty group of images with the same map shape")
-        height, width = int(heights[0]), int(widths[0])
+        return int(heights[0]), int(widths[0])
+
+    def load_with_positives(
+        self, images: Sequence[int] | np.ndarray, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(maps B x H x W x K float32, cell-major; positive counts B x K int32) of a same-shape group."""
+        images = np.asarray(images, dtype=np.int64)
+        height, width = self._group_shape(images)
         out = torch.empty(len(images), height * width, self.channels, dtype=torch.float32)
-        with warnings.catch_warnings():  # torch warns that the memory map is read-only; it is only read
+        with warnings.catch_warnings():  # torch warns that a memory map is read-only; it is only read
             warnings.simplefilter("ignore", UserWarning)
-            for row, image in enumerate(images.tolist()):
-                # One pass per image: float16 -> float32 during the copy out of the page cache.
-                out[row].copy_(torch.from_numpy(self._cells(image, height * width)))
-        return out.reshape(len(images), height, width, -1).to(device)
+            positives = self.read(images, out)
+        return out.reshape(len(images), height, width, -1).to(device), positives.to(device)
+
+    def load(self, images: Sequence[int] | np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The maps of images that all have the same H x W, as one float32 tensor B x H x W x K (cell-major)."""
+        return self.load_with_positives(images, device)[0]
+
+
+@dataclass
+class LoadedMaps:
+    """A same-shape batch of stored maps, float32 and cell-major: ``features`` B x H x W x K, ``cam_activations``
+    B x h x w x K' (the same tensor when the CAM layer is the feature layer), ``positives`` B x K int32 (the
+    feature layer's counts of positive cells per channel, Eq. 2), for the database ``images``."""
+
+    images: np.ndarray
+    features: torch.Tensor
+    cam_activations: torch.Tensor
+    positives: torch.Tensor
 
 
 class MapStore:
@@ -231,33 +358,71 @@ class MapStore:
                 batches.append(images[positions[start : start + max_batch]])
         return batches
 
+    def load_batch(self, images: Sequence[int] | np.ndarray, device: torch.device | str = "cpu") -> LoadedMaps:
+        """The maps of a same-shape group (:meth:`shape_groups`), decoded."""
+        images = np.asarray(images, dtype=np.int64)
+        features, positives = self.features.load_with_positives(images, device)
+        activations = features if self.cam_activations is None else self.cam_activations.load(images, device)
+        return LoadedMaps(images, features, activations, positives)
+
     def load(self, images: Sequence[int] | np.ndarray, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(features B x H x W x K, CAM activations B x h x w x K') of a same-shape group, float32. Without a
         separate CAM layer both are the same tensor."""
-        features = self.features.load(images, device)
-        if self.cam_activations is None:
-            return features, features
-        return features, self.cam_activations.load(images, device)
+        loaded = self.load_batch(images, device)
+        return loaded.features, loaded.cam_activations
+
+    def batches(
+        self, images: Sequence[int] | np.ndarray, max_batch: int, device: torch.device | str = "cpu"
+    ) -> Iterator[LoadedMaps]:
+        """The maps of ``images``, decoded in same-shape batches of at most ``max_batch`` (:meth:`shape_groups`):
+        the next batch is decoded on a second thread while the caller computes with this one (zstd and NumPy
+        release the GIL), so that decoding costs little more than the arithmetic."""
+        groups = self.shape_groups(images, max_batch)
+        if not groups:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="camretrieval-decode") as pool:
+            pending = pool.submit(self.load_batch, groups[0], device)
+            for following in groups[1:] + [None]:
+                loaded = pending.result()
+                if following is not None:
+                    pending = pool.submit(self.load_batch, following, device)
+                yield loaded
+
+    @property
+    def formats(self) -> set[int]:
+        """The maps formats of the store's shards."""
+        return self.features.formats
 
     # --- files ---
 
     @classmethod
     def open(cls, directory: str | Path, separate_cam_layer: bool, count: int | None = None) -> "MapStore":
-        """Open the maps of a shard of an index, memory-mapped (never unpickled)."""
+        """Open the maps of a shard of an index, memory-mapped (never unpickled), in the format its files say.
+        A file missing raises FileNotFoundError (a writer may have just replaced it: look again)."""
         directory = Path(directory)
+        maps_format = shard_maps_format(directory)
+        if maps_format is None:
+            raise FileNotFoundError(f"no maps files in {directory}")
         layers = []
         for layer in LAYERS[: 2 if separate_cam_layer else 1]:
-            cells_name, table_name, positives_name = maps_file_names(layer)
+            names = maps_files(layer, maps_format)
             try:
-                cells = np.load(directory / cells_name, mmap_mode="r", allow_pickle=False)
-                table = np.load(directory / table_name, allow_pickle=False)
-                positives = np.load(directory / positives_name, allow_pickle=False)
+                if maps_format == 2:
+                    cells = BlockCells(np.memmap(directory / names[0], dtype=np.uint8, mode="r"), directory / names[0])
+                else:
+                    cells = np.load(directory / names[0], mmap_mode="r", allow_pickle=False)
+                    if cells.dtype != MAPS_DTYPE:
+                        raise MapsNotStoredError(f"{directory / names[0]} is not a camretrieval maps file: rebuild the index")
+                    cells = DenseCells(cells)
+                table = np.load(directory / names[1], allow_pickle=False)
+            except FileNotFoundError:
+                raise
             except (OSError, ValueError) as error:
                 raise MapsNotStoredError(f"the stored maps in {directory} are missing or damaged ({error}): rebuild the index") from error
-            if cells.dtype != MAPS_DTYPE or table.dtype != np.int64 or positives.dtype != np.int32:
-                raise MapsNotStoredError(f"{directory / cells_name} is not a camretrieval maps file: rebuild the index")
+            if table.dtype != np.int64:
+                raise MapsNotStoredError(f"{directory / names[1]} is not a camretrieval maps table: rebuild the index")
             try:
-                layers.append(RaggedMaps(cells, table, positives))
+                layers.append(RaggedMaps([cells], table))
             except CamRetrievalError as error:
                 raise MapsNotStoredError(f"the stored maps in {directory} are inconsistent ({error}): rebuild the index") from error
         store = cls(layers[0], layers[1] if separate_cam_layer else None, directory)
@@ -271,26 +436,33 @@ class MapStore:
 class MapStoreWriter:
     """Streams the maps of images into the files of a shard folder as they are extracted (an index of many images
     does not fit in memory), in any order; :meth:`finish` completes the files, the table in descriptor order, and
-    returns the :class:`MapStore` that reads them.
+    returns the :class:`MapStore` that reads them. ``maps_format`` 2 (compressed blocks) unless told 1 (the float16
+    files of indexes written before; kept to test that such indexes still work).
 
     >>> writer = MapStoreWriter(n_images=len(paths), separate_cam_layer=False, directory=shard_folder)
     >>> writer.add(image_index, maps.features[i], None)   # K x H x W tensors, as the backbone returns them
     >>> store = writer.finish(order=done)                  # the image indices kept, in descriptor order
     """
 
-    def __init__(self, n_images: int, separate_cam_layer: bool, directory: str | Path) -> None:
+    def __init__(self, n_images: int, separate_cam_layer: bool, directory: str | Path, maps_format: int = MAPS_FORMAT) -> None:
         self.directory = Path(directory)
         self.layers = LAYERS[: 2 if separate_cam_layer else 1]
+        self.maps_format = maps_format
+        self._names = {layer: maps_files(layer, maps_format) for layer in self.layers}
         self._files = {}
-        self._rows = {layer: 0 for layer in self.layers}
+        self._written = {layer: 0 for layer in self.layers}  # format 1: rows; format 2: bytes
         self._channels: dict[str, int | None] = {layer: None for layer in self.layers}
         self._tables = {layer: np.full((n_images, 3), -1, dtype=np.int64) for layer in self.layers}
         self._positives: dict[str, np.ndarray | None] = {layer: None for layer in self.layers}
         for layer in self.layers:
-            path = self.directory / (maps_file_names(layer)[0] + ".spool")
-            file = open(path, "wb")
-            file.write(b"\0" * _HEADER_LENGTH)  # replaced by the real header in finish()
+            file = open(self._spool(layer), "wb")
+            placeholder = _HEADER_LENGTH if maps_format == 1 else _BLOCKS_HEADER.size
+            file.write(b"\0" * placeholder)  # replaced by the real header in finish()
+            self._written[layer] = 0 if maps_format == 1 else placeholder
             self._files[layer] = file
+
+    def _spool(self, layer: str) -> Path:
+        return self.directory / (self._names[layer][0] + ".spool")
 
     def add(self, image: int, features: torch.Tensor, cam_activations: torch.Tensor | None = None) -> None:
         """Append one image's maps (K x H x W each, any float dtype/device)."""
@@ -298,48 +470,90 @@ class MapStoreWriter:
             if maps is None:
                 raise CamRetrievalError("this store keeps the CAM layer's maps: pass them")
             channels, height, width = maps.shape
-            if self._channels[layer] is None:
-                self._channels[layer] = channels
-            elif self._channels[layer] != channels:
-                raise CamRetrievalError(f"{layer}: {channels} channels after {self._channels[layer]}")
-            if self._tables[layer][image, 0] >= 0:
-                raise CamRetrievalError(f"the maps of image {image} were already added")
             cells = maps.detach().permute(1, 2, 0).reshape(height * width, channels).float()
             cells = cells.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).to(torch.float16).cpu().numpy()
-            self._files[layer].write(cells.astype(MAPS_DTYPE, copy=False).tobytes())
-            self._tables[layer][image] = (self._rows[layer], height, width)
+            self.add_cells(layer, image, cells, height, width)
+
+    def add_cells(self, layer: str, image: int, cells: np.ndarray, height: int, width: int) -> None:
+        """Append one layer's maps of one image as stored: ``cells`` (H*W x K float16, cell-major)."""
+        channels = cells.shape[1]
+        if self._channels[layer] is None:
+            self._channels[layer] = channels
+        elif self._channels[layer] != channels:
+            raise CamRetrievalError(f"{layer}: {channels} channels after {self._channels[layer]}")
+        if self._tables[layer][image, 0] >= 0:
+            raise CamRetrievalError(f"the maps of image {image} were already added")
+        cells = np.ascontiguousarray(cells, dtype=MAPS_DTYPE)
+        if self.maps_format == 1:
+            data, size = cells.tobytes(), height * width
             if self._positives[layer] is None:
                 self._positives[layer] = np.zeros((len(self._tables[layer]), channels), dtype=np.int32)
             self._positives[layer][image] = count_positives(cells)
-            self._rows[layer] += height * width
+        else:
+            data = encode_block(cells, height, width)
+            size = len(data)
+        self._files[layer].write(data)
+        self._tables[layer][image] = (self._written[layer], height, width)
+        self._written[layer] += size
 
     def finish(self, order: Sequence[int]) -> MapStore:
-        """Complete the files (the cells' header, the table and the positive counts, each written durably); the
-        store's image i is image ``order[i]`` of the calls to :meth:`add`."""
+        """Complete the files (the header, the table and, format 1, the positive counts, each written durably); the
+        store's image i is image ``order[i]`` of the calls to :meth:`add`. The table is written before the cells
+        or blocks file gets its name (see :func:`shard_maps_format`)."""
         order = np.asarray(order, dtype=np.int64)
-        layers = []
         for layer in self.layers:
             file = self._files[layer]
             channels = self._channels[layer] or 0
             file.seek(0)
-            file.write(_npy_header((self._rows[layer], channels)))
+            if self.maps_format == 1:
+                file.write(_npy_header((self._written[layer], channels)))
+            else:
+                file.write(_BLOCKS_HEADER.pack(_BLOCKS_MAGIC, 2, channels))
             file.flush()
             os.fsync(file.fileno())
             file.close()
             table = self._tables[layer][order]
             if len(table) and table[:, 0].min() < 0:
                 raise CamRetrievalError("finish() was given an image whose maps were never added")
-            positives = self._positives[layer]
-            positives = positives[order] if positives is not None else np.zeros((len(order), channels), np.int32)
-            cells_name, table_name, positives_name = maps_file_names(layer)
-            os.replace(self.directory / (cells_name + ".spool"), self.directory / cells_name)
-            write_atomically(self.directory / table_name, lambda f, t=table: np.save(f, t))
-            write_atomically(self.directory / positives_name, lambda f, p=positives: np.save(f, p))
-            cells = np.load(self.directory / cells_name, mmap_mode="r", allow_pickle=False)
-            layers.append(RaggedMaps(cells, table, positives))
-        return MapStore(layers[0], layers[1] if len(layers) > 1 else None, self.directory)
+            names = self._names[layer]
+            write_atomically(self.directory / names[1], lambda f, t=table: np.save(f, t))
+            if self.maps_format == 1:
+                positives = self._positives[layer]
+                positives = positives[order] if positives is not None else np.zeros((len(order), channels), np.int32)
+                write_atomically(self.directory / names[2], lambda f, p=positives: np.save(f, p))
+        for layer in reversed(self.layers):  # the features' cells file last: its name says the shard's maps are complete
+            os.replace(self._spool(layer), self.directory / self._names[layer][0])
+        return MapStore.open(self.directory, len(self.layers) > 1, len(order))
 
     def abort(self) -> None:
         for layer, file in self._files.items():
             file.close()
-            (self.directory / (maps_file_names(layer)[0] + ".spool")).unlink(missing_ok=True)
+            self._spool(layer).unlink(missing_ok=True)
+
+
+def upgrade_shard_maps(directory: str | Path, separate_cam_layer: bool) -> bool:
+    """Re-encode a shard folder's format 1 maps into format 2, losslessly (the same float16 values), then delete the
+    format 1 files. Returns whether there was anything to do. A reader sees either format's complete files (format
+    2's blocks file is named last) and one that opened the old files keeps reading them; the caller holds the
+    index's writer lock."""
+    directory = Path(directory)
+    if shard_maps_format(directory) != 1:
+        return False
+    old = MapStore.open(directory, separate_cam_layer)
+    writer = MapStoreWriter(len(old), separate_cam_layer, directory, maps_format=2)
+    try:
+        layers = [old.features] + ([old.cam_activations] if old.cam_activations is not None else [])
+        for image in range(len(old)):
+            for layer, maps in zip(writer.layers, layers):
+                height, width = maps.shape(image)
+                writer.add_cells(layer, image, maps.image(image).reshape(height * width, -1), height, width)
+        writer.finish(range(len(old)))
+    except BaseException:
+        writer.abort()
+        raise
+    fsync_directory(directory)
+    for layer in writer.layers:
+        for name in maps_files(layer, 1):
+            (directory / name).unlink(missing_ok=True)
+    fsync_directory(directory)
+    return True

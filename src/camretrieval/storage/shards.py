@@ -15,6 +15,7 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from camretrieval.storage.files import fsync_directory
 from camretrieval.storage.maps import MapStore, MapStoreWriter
 
 DESCRIPTORS = "descriptors.npy"
+_MAX_QUEUED_WRITES = 32  # images whose maps may wait for the background writer
 
 
 def new_shard_folder(directory: Path) -> tuple[str, Path]:
@@ -61,12 +63,17 @@ def publish_shard(directory: Path, name: str, partial: Path) -> None:
 class ShardWriter:
     """What one commit adds, collected in a ``.partial`` shard folder of the index folder ``directory``: descriptors,
     and the maps unless the index keeps none (streamed to disk as they come). :meth:`publish` completes the shard;
-    a commit of the catalog then makes it part of the index."""
+    a commit of the catalog then makes it part of the index.
+
+    The maps are converted and written on a background thread, in the order they were added, while the caller runs
+    the next forward pass (extraction then costs little more than the forward pass: benchmarks/extraction_cost.py)."""
 
     def __init__(self, directory: Path, capacity: int, keep_maps: bool, separate_cam_layer: bool) -> None:
         self.directory = directory
         self.name, self.folder = new_shard_folder(directory)
         self.maps = MapStoreWriter(capacity, separate_cam_layer, self.folder) if keep_maps else None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camretrieval-maps") if keep_maps else None
+        self._writes: list[Future] = []
         self.entries: list[tuple[str, FileState]] = []
         self.descriptors: list[np.ndarray] = []
 
@@ -75,20 +82,30 @@ class ShardWriter:
 
     def add(self, path: str, state: FileState, descriptor: np.ndarray, features=None, cam_activations=None) -> None:
         if self.maps is not None:
-            self.maps.add(len(self.entries), features, cam_activations)
+            self._writes.append(self._writer.submit(self.maps.add, len(self.entries), features, cam_activations))
+            if len(self._writes) > _MAX_QUEUED_WRITES:  # bounded memory: the maps wait as tensors until written
+                self._writes.pop(0).result()
         self.entries.append((path, state))
         self.descriptors.append(descriptor)
+
+    def _wait_for_writes(self) -> None:
+        writes, self._writes = self._writes, []
+        for write in writes:
+            write.result()  # raises what the write raised
 
     def publish(self) -> list[tuple[str, FileState, int]]:
         """Write the descriptors, complete the maps, and make the folder a shard. Returns (path, state, row)."""
         np.save(self.folder / DESCRIPTORS, np.stack(self.descriptors).astype(np.float32))
         if self.maps is not None:
+            self._wait_for_writes()
+            self._writer.shutdown()
             self.maps.finish(range(len(self.entries)))
         publish_shard(self.directory, self.name, self.folder)
         return [(path, state, row) for row, (path, state) in enumerate(self.entries)]
 
     def abort(self) -> None:
         if self.maps is not None:
+            self._writer.shutdown(cancel_futures=True)
             self.maps.abort()
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -115,7 +132,7 @@ def describe_in_shards(
     pending: Sequence[tuple[str, FileState]],
     index_dir: Path,
     keep_maps: bool,
-    batch_size: int,
+    batch_size: int | None,
     workers: int,
     progress: bool,
     commit_every: int,

@@ -10,25 +10,26 @@ lock; searching meanwhile is fine.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from camretrieval.constants import DEFAULT_COMMIT_EVERY, MIN_COLLECTION_WHITENING
+from camretrieval.constants import DEFAULT_ANN_RECALL, DEFAULT_COMMIT_EVERY, MIN_COLLECTION_WHITENING
 from camretrieval.errors import CamRetrievalError
 from camretrieval.extraction.describer import Describer, FileFailure
 from camretrieval.extraction.fitting import fit_whitening
-from camretrieval.extraction.images import find_images
+from camretrieval.extraction.images import IMAGE_EXTENSIONS, find_images
 from camretrieval.extraction.settings import ExtractionSettings
 from camretrieval.method.whitening import DEFAULT_SHRINKAGE, PCAWhitening
-from camretrieval.storage.ann import ANN_KINDS, build_search_index, measure_recall
+from camretrieval.storage.ann import ANN_KINDS, build_search_index, calibrate, check_recall_target, measure_recall
 from camretrieval.storage.catalog import FileState, IndexFileError, IndexStore
-from camretrieval.storage.check import check_index, repair
+from camretrieval.storage.check import check_index, repair, upgrade_maps
 from camretrieval.storage.maps import MapStore
 from camretrieval.storage.ray import DEFAULT_RAY_WORKERS, describe_with_ray
 from camretrieval.storage.shards import ShardResult, ShardWriter, describe_in_shards, load_snapshot
@@ -50,10 +51,11 @@ class UpdateReport:
     retried: int = 0  # unchanged files that could not be read in an earlier run, tried again
     attempted: int = 0  # files this run tried to describe (added, updated, retried, and those unreadable at once)
     missing: list[str] = field(default_factory=list)  # indexed images no longer in the folder (kept until removed)
+    removed: int = 0  # with remove_missing: indexed files no longer in the folder, removed
     repaired: list[str] = field(default_factory=list)  # damaged files found (their images were described again)
     commits: int = 0
     total: int = 0  # images in the index after this run
-    ann: dict | None = None  # the approximate index, when the index has one: kind, recall@100 against exact search
+    ann: dict | None = None  # the approximate index, when the index has one: kind, recall@100 against exact search, effort
     seconds: float = 0.0
 
 
@@ -86,7 +88,7 @@ def update_index(
     whitening: PCAWhitening | None,
     settings: ExtractionSettings | None = None,
     keep_maps: bool | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     workers: int = 2,
     device: str = "cpu",
     progress: bool = True,
@@ -97,6 +99,10 @@ def update_index(
     ray_workers: int = DEFAULT_RAY_WORKERS,
     precision: str = "float32",
     float16: bool | None = None,
+    only: Collection[str] | None = None,
+    remove_missing: bool = False,
+    describer: Describer | None = None,
+    ann_recall: float | None = None,
 ) -> UpdateReport:
     """Bring the index in ``index_dir`` (created if needed) up to date with the images under ``image_root``: describe
     the new and changed ones, in commits of ``commit_every`` images. Returns what it did; images that are indexed but
@@ -104,20 +110,29 @@ def update_index(
 
     ``settings`` (:class:`~camretrieval.extraction.settings.ExtractionSettings`; default: those the ``whitening``
     was learned with) say how images are described; ``keep_maps`` (default: for the class-weighted pooling) also
-    stores their maps for query-time refinement. ``ann`` ("hnsw" or "ivfpq", :mod:`camretrieval.storage.ann`) gives
-    the index an approximate FAISS index, rebuilt after every run that changed the collection; "none" drops it; None
-    keeps what the index had.
+    stores their maps for query-time refinement. ``ann`` ("hnsw", "ivf" or "ivfpq", :mod:`camretrieval.storage.ann`)
+    gives the index an approximate FAISS index, rebuilt after every run that changed the collection; "none" drops it;
+    None keeps what the index had. ``ann_recall``: the recall@100 its search effort is calibrated to (on held-out
+    descriptors of the collection; default for "ivf": 0.95, the others keep their fixed effort); None keeps the
+    index's.
 
     ``engine`` "ray" describes on Ray (:mod:`camretrieval.storage.ray`): the cluster at ``ray_address``, or a local
     Ray instance of ``ray_workers`` workers; the descriptors are those of the local path. ``float16``: search
     with the descriptors in float16 (exact, or HNSW; half the memory, no measurable mAP cost); None keeps what the
-    index had."""
+    index had.
+
+    ``only``: look at these files (relative to ``image_root``) instead of listing the whole folder; those not there
+    count as gone. ``remove_missing``: remove the indexed files that are gone (an index that follows its folder,
+    :mod:`camretrieval.storage.watch`; an empty folder is then an empty index, not an error). ``describer``: one
+    already loaded for these settings and whitening, reused."""
     started = time.perf_counter()
     image_root = Path(image_root)
     if not image_root.is_dir():
         raise CamRetrievalError(f"{image_root} is not a folder of images")
     if ann is not None and ann != "none" and ann not in ANN_KINDS:
         raise CamRetrievalError(f"unknown approximate index {ann!r}: choose one of {', '.join(ANN_KINDS)} or none")
+    if ann_recall is not None:
+        ann_recall = check_recall_target(ann_recall)
     if engine not in ("local", "ray"):
         raise CamRetrievalError(f"unknown engine {engine!r}: choose local or ray")
     if commit_every < 1:
@@ -128,7 +143,10 @@ def update_index(
             "update_index(index_dir, image_root, whitening, ExtractionSettings(backbone=..., size=...))"
         )
     settings = settings if settings is not None else ExtractionSettings.from_pca(whitening)
-    describer = Describer.from_settings(settings, whitening, device, precision)
+    if describer is None:
+        describer = Describer.from_settings(settings, whitening, device, precision)
+    elif describer.settings.to_dict() != settings.to_dict() or describer.whitening is not whitening:
+        raise ValueError("update_index: the describer given was made with other settings or another whitening")
     keep_maps = settings.pooling == "cam" if keep_maps is None else keep_maps
     separate = describer.backbone.feature_layer != describer.backbone.cam_layer
     wanted = index_meta(describer.settings.to_dict(), image_root, separate if keep_maps else None)
@@ -139,7 +157,8 @@ def update_index(
         if damages:  # described again below from the images on disk: they count as new files
             report.repaired = [str(damage) for damage in damages]
             repair(store, damages)
-        pending = _compare_folder(store, image_root, report)
+        upgrade_maps(store, progress)  # maps written before issue 14 (float16) re-encoded, losslessly, once
+        pending, gone = _compare_folder(store, image_root, report, only, allow_empty=remove_missing)
         report.attempted = len(pending) + len(report.failures)
         for failure in report.failures:  # files listed but gone or unreadable before their turn (dangling links, ...)
             if progress:
@@ -165,7 +184,10 @@ def update_index(
             _commit_all(store, shards, meta, report, len(pending), ray=engine == "ray", progress=progress)
         elif "settings" not in store.meta():
             store.commit(None, [], meta=meta)
-        _set_search_index(store, float16, ann, progress, report)
+        if remove_missing and gone:  # after the commits: a renamed file is never missing from the index meanwhile
+            report.removed = store.remove(gone)
+            report.missing = []
+        _set_search_index(store, float16, ann, progress, report, ann_recall)
         store.delete_unused_files()
         report.total = store.count_done()
     report.seconds = time.perf_counter() - started
@@ -179,7 +201,7 @@ def whitening_for_index(
     dim: int = 512,
     n_pca: int = 1,
     sample: int = DEFAULT_WHITENING_SAMPLE,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     workers: int = 2,
     device: str = "cpu",
     precision: str = "float32",
@@ -259,7 +281,7 @@ def write_index(
     with IndexStore.writing(index_dir) as store:
         meta = index_meta(settings, image_root, maps.separate_cam_layer if maps is not None else None)
         meta |= {"whitening": store.save_whitening(whitening), "dim": int(descriptors.shape[1])}
-        meta |= {"ann_kind": None, "ann": None, "float16": False}  # a replaced index's search options go too
+        meta |= {"ann_kind": None, "ann": None, "ann_recall": None, "float16": False}  # a replaced index's search options go too
         shard = ShardWriter(store.directory, len(paths), maps is not None, bool(maps and maps.separate_cam_layer))
         try:
             for row, path in enumerate(paths):
@@ -282,11 +304,14 @@ def _file_state(root: Path | None, path: str) -> FileState:
         return FileState(-1, -1)
 
 
-def _compare_folder(store: IndexStore, image_root: Path, report: UpdateReport) -> list[tuple[str, FileState]]:
-    """The files under ``image_root`` that are new or changed since the catalog saw them; counts the rest."""
+def _compare_folder(
+    store: IndexStore, image_root: Path, report: UpdateReport, only: Collection[str] | None, allow_empty: bool
+) -> tuple[list[tuple[str, FileState]], list[str]]:
+    """The files under ``image_root`` (or, given ``only``, those of its files) that are new or changed since the
+    catalog saw them, and the files the catalog knows that are gone from there; counts the rest."""
     known = store.known_files()
-    paths = find_images(image_root)
-    if not paths and not known:
+    paths = find_images(image_root) if only is None else sorted(path for path in set(only) if _is_image(image_root, path))
+    if not paths and not known and only is None and not allow_empty:
         raise CamRetrievalError(f"no images (jpg, jpeg, png, webp, bmp, tif, tiff) under {image_root}")
     pending: list[tuple[str, FileState]] = []
     for path in paths:
@@ -308,8 +333,22 @@ def _compare_folder(store: IndexStore, image_root: Path, report: UpdateReport) -
         else:
             report.failed_before += 1
     present = set(paths)
-    report.missing = sorted(path for path, (_, status) in known.items() if status == "done" and path not in present)
-    return pending
+    looked_at = known if only is None else [path for path in set(only) if path in known]
+    gone = sorted(path for path in looked_at if path not in present)
+    report.missing = [path for path in gone if known[path][1] == "done"]
+    return pending, gone
+
+
+def _is_image(image_root: Path, path: str) -> bool:
+    """Whether ``find_images(image_root)`` would list ``path`` (relative, POSIX): an image file name, no hidden part,
+    there (a dangling link counts, as in a listing) and not a folder."""
+    parts = path.split("/")
+    return (
+        not any(part.startswith(".") or part == "" for part in parts)
+        and os.path.splitext(parts[-1])[1].lower() in IMAGE_EXTENSIONS
+        and os.path.lexists(image_root / path)
+        and not (image_root / path).is_dir()
+    )
 
 
 def _commit_all(
@@ -339,20 +378,25 @@ def _commit_all(
         bar.close()
 
 
-def _set_search_index(store: IndexStore, float16: bool | None, ann: str | None, progress: bool, report: UpdateReport) -> None:
-    """Apply ``--float16`` / ``--ann`` (None: keep the index's) and bring the approximate index up to date."""
+def _set_search_index(
+    store: IndexStore, float16: bool | None, ann: str | None, progress: bool, report: UpdateReport,
+    ann_recall: float | None = None,
+) -> None:
+    """Apply ``--float16`` / ``--ann`` / ``--recall`` (None: keep the index's) and bring the approximate index up to
+    date."""
     if float16 is not None and bool(store.meta().get("float16")) != float16:
         store.set_meta({"float16": float16})
         store.commit(None, [])  # a new generation: an approximate index in the other precision is rebuilt
-    if ann is None:
+    if ann is None and ann_recall is None:
         report.ann = refresh_ann(store, progress)
         return
-    previous = store.meta().get("ann_kind")
-    store.set_meta({"ann_kind": None if ann == "none" else ann})
+    previous = {key: store.meta().get(key) for key in ("ann_kind", "ann_recall")}
+    wanted = ({} if ann is None else {"ann_kind": None if ann == "none" else ann})
+    store.set_meta(wanted | ({} if ann_recall is None else {"ann_recall": ann_recall}))
     try:
         report.ann = refresh_ann(store, progress)
-    except CamRetrievalError:  # e.g. too few images to train IVF-PQ: keep the kind the index had
-        store.set_meta({"ann_kind": previous})
+    except CamRetrievalError:  # e.g. too few images to train IVF-PQ, or a recall it cannot reach: keep what it had
+        store.set_meta(previous)
         refresh_ann(store, progress)
         raise
 
@@ -364,25 +408,41 @@ def commit_shard(store: IndexStore, result: ShardResult, meta: dict) -> None:
 
 def refresh_ann(store: IndexStore, progress: bool) -> dict | None:
     """Rebuild the approximate index when the index wants one (``meta['ann_kind']``) and the collection changed since
-    it was built, and measure its recall@100 against exact search (100 of the descriptors as queries). Returns its
-    meta data, None when the index has none."""
+    it was built, calibrate its search effort to the recall target (``meta['ann_recall']``, default for "ivf":
+    ``DEFAULT_ANN_RECALL``) or else measure its recall@100 against exact search on held-out descriptors
+    (:func:`camretrieval.storage.ann.calibrate`, :func:`~camretrieval.storage.ann.measure_recall`). A new target
+    alone recalibrates the saved index without rebuilding it. Returns its meta data, None when the index has none."""
     meta = store.meta()
     kind = meta.get("ann_kind")
     if not kind:
         if meta.get("ann"):
             store.set_meta({"ann": None})  # its file goes with the next delete_unused_files()
         return None
+    target = meta.get("ann_recall") or (DEFAULT_ANN_RECALL if kind == "ivf" else None)
     current = meta.get("ann")
-    if current and current.get("kind") == kind and current.get("generation") == meta["generation"]:
+    up_to_date = bool(current) and current.get("kind") == kind and current.get("generation") == meta["generation"]
+    if up_to_date and current.get("target") == target:
         return current
     started = time.perf_counter()
-    descriptors, _, _ = load_snapshot(store, store.snapshot(), with_maps=False)
-    if progress:
-        print(f"building the {kind} index of {len(descriptors)} descriptors", file=sys.stderr)
-    index = build_search_index(descriptors, kind, float16=bool(meta.get("float16")) and kind == "hnsw")
+    snapshot = store.snapshot()
+    descriptors, _, _ = load_snapshot(store, snapshot, with_maps=False)
+    index = store.load_ann(snapshot) if up_to_date else None
+    if index is None:
+        if progress:
+            print(f"building the {kind} index of {len(descriptors)} descriptors", file=sys.stderr)
+        index = build_search_index(descriptors, kind, float16=bool(meta.get("float16")) and kind == "hnsw")
+    if target is not None:
+        if progress:
+            print(f"calibrating its search effort to recall@100 {target}", file=sys.stderr)
+        calibration = calibrate(index, descriptors, target)
+        recall, effort = calibration.recall, calibration.effort
+    else:
+        recall, effort = (measure_recall(index, descriptors, k=100) if len(descriptors) else 1.0), {}
     settings = {
         "kind": kind,
-        "recall_at_100": measure_recall(index, descriptors, k=100) if len(descriptors) else 1.0,
+        "recall_at_100": round(recall, 4),
+        "target": target,
+        "effort": effort,
         "seconds": round(time.perf_counter() - started, 3),
     }
     store.save_ann(index, settings)
