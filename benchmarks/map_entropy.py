@@ -12,7 +12,8 @@ Extracts efficientnet_lite0's head maps at --size 448 (the maps the index stores
   values plus the values, format 2 (storage/map_codec.py: gap-coded positions plus the values' byte planes), and for
   reference a lossy 8-bit quantisation of [0, 6] (not used: format 2 is lossless and small enough);
 - the time to decode format 2 into float32 (what a search does), against reading format 1, per image, best of 5
-  passes over the set's first 80 images, one thread: wall-clock and the thread's CPU time.
+  passes over the set's first 80 images, one thread: wall-clock and the thread's CPU time; and OnA (N_c = 8, random
+  classes, a 512-d whitening) over the first 160 images stored in either format, in one process.
 
     python benchmarks/map_entropy.py [--data ../shared/data] [--cache /tmp/camretrieval-maps] [--size 448]
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,9 +30,11 @@ import numpy as np
 import torch
 import zstandard
 
-from camretrieval import Describer, load_backbone
+from camretrieval import Describer, PCAWhitening, load_backbone
 from camretrieval.extraction.images import find_images
+from camretrieval.search.online import online_descriptors
 from camretrieval.storage.map_codec import decode_block, decode_into, encode_block
+from camretrieval.storage.maps import MapStoreWriter
 
 
 def extract(data: Path, name: str, every: int, size: int, cache: Path | None) -> list[np.ndarray]:
@@ -133,6 +137,32 @@ def decode_times(images: list[np.ndarray], repeats: int = 5) -> dict[str, float]
     return best
 
 
+def online_times(images: list[np.ndarray], repeats: int = 3) -> dict[str, float]:
+    """Seconds per image of OnA (N_c = 8: decoding plus Eq. 1-4 and a 1280 -> 512 whitening) over ``images`` stored in
+    format 1 and in format 2, alternating in one process (best of ``repeats``; CPU: all threads, the decoding thread
+    of ``MapStore.batches`` included)."""
+    rng = np.random.default_rng(0)
+    weight = load_backbone("efficientnet_lite0").classifier_weight
+    whitening = PCAWhitening(512).fit(np.abs(rng.normal(size=(2000, 1280))).astype(np.float32))
+    classes = rng.choice(weight.shape[0], 8, replace=False).tolist()
+    best: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        stores = {}
+        for maps_format in (1, 2):
+            (Path(folder) / str(maps_format)).mkdir()
+            writer = MapStoreWriter(len(images), False, Path(folder) / str(maps_format), maps_format)
+            for number, maps in enumerate(images):
+                writer.add_cells("features", number, maps.reshape(-1, maps.shape[2]), maps.shape[0], maps.shape[1])
+            stores[f"format {maps_format}"] = writer.finish(range(len(images)))
+        for _ in range(repeats):
+            for name, store in stores.items():
+                started, cpu = time.perf_counter(), time.process_time()
+                online_descriptors(store, np.arange(len(images)), classes, weight, whitening)
+                for key, value in ((name, time.perf_counter() - started), (name + " cpu", time.process_time() - cpu)):
+                    best[key] = min(best.get(key, np.inf), value / len(images))
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -149,6 +179,9 @@ def main() -> None:
             print(f"    {codec:<58} {size / 1e3:7.1f} kB")
         times = decode_times(images[:80])
         print("  into float32, per image (one thread, best of 5): " + ", ".join(
+            f"{name} {1e3 * times[name]:.2f} ms (CPU {1e3 * times[name + ' cpu']:.2f} ms)" for name in ("format 1", "format 2")))
+        times = online_times(images[:160])
+        print("  OnA N_c = 8 over 160 images, per image (one torch thread + the decoding thread): " + ", ".join(
             f"{name} {1e3 * times[name]:.2f} ms (CPU {1e3 * times[name + ' cpu']:.2f} ms)" for name in ("format 1", "format 2")))
     print(f"load average: {os.getloadavg()}")
 

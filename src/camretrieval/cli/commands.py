@@ -125,7 +125,7 @@ def run_learn_classes(args: argparse.Namespace) -> int:
     paths = find_images(args.images_dir)
     if not paths:
         raise CamRetrievalError(f"no images under {args.images_dir}")
-    settings = ExtractionSettings(args.backbone, args.feature_layer, size=args.size, weights=args.weights)
+    settings = ExtractionSettings(args.backbone, args.feature_layer, size=args.size, weights=args.weights, scales=args.scales or (1.0,))
     describer = Describer.from_settings(settings, None, args.device, args.precision)
     listed, failures = learn_classes(
         describer, paths, args.images_dir, args.top, args.classes, args.batch_size, args.workers, not args.quiet
