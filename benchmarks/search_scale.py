@@ -17,9 +17,10 @@ of the index's top 100 against exact float32 search on the fresh queries. The re
 are calibrated at build time by camretrieval.storage.ann.calibrate on 500 held-out members of the collection (their
 recall there is shown too, "held-out"); the fresh queries check that the target holds on queries calibration never
 saw. One more row re-scores IVF-PQ's top 400 exactly with the float32 descriptors (which a camretrieval Index keeps
-anyway; its bytes / image count them). HNSW is built only up to --hnsw-max vectors (default 100k): on a 2-core
-machine a 1M x 512 HNSW graph takes longer than the rest of the run; when larger sizes are skipped in a run that
-built a smaller one, their build time is extrapolated instead.
+anyway; its bytes / image count them). HNSW is built only up to --hnsw-max vectors (default 100k): on the 2 shared
+cores of docs/search_scale.md a 1M x 512 HNSW graph took 25 min, as long as the rest of the 1M run (measured with
+--indexes hnsw --hnsw-max 1000000); when larger sizes are skipped in a run that built a smaller one, their build
+time is extrapolated instead.
 
 --sweep instead prints the trade-off calibration navigates: recall@100 (fresh queries) and latency (1 thread) of
 the "ivf" index, or of any FAISS factory string (--factory), over nprobe x k_factor.

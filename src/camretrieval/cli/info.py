@@ -143,7 +143,7 @@ def info_text(info: dict[str, Any]) -> str:
                   else "not stored (index --no-maps): no search --online or --rerank"))
     if maps.get("formats", {}).get("1"):
         lines.append(("maps format", f"{maps['formats']['1']} shards keep their maps in float16 (format 1): the next camretrieval "
-                          "index IMAGES_DIR INDEX_DIR re-encodes them losslessly, about 17x smaller"))
+                          "index IMAGES_DIR INDEX_DIR re-encodes them losslessly, about 19x smaller"))
     ann = info["ann"]
     if ann is None:
         lines.append(("search", "exact"))

@@ -9,7 +9,8 @@ classes, made with :func:`faiss.index_factory` where it can, and stored with :fu
 - "ivf": inverted lists (a flat coarse quantizer) of fast-scan 4-bit PQ codes, each query's candidates re-scored
   exactly from a float16 copy of the descriptors: ``IVF{nlist},PQ{dim/2}x4fs,Refine(SQfp16)``. The one that keeps
   recall@100 >= 0.95 at a million (docs/search_scale.md); dim / 4 + 2 * dim + 8 bytes per image (1.2 kB at 512-d).
-- "hnsw": a graph over the float32 (or float16) descriptors; fast and accurate, slow to build.
+- "hnsw": a graph over the float32 (or float16) descriptors; the fastest per query, 3.6x slower to build than "ivf"
+  at 1M, 2.3 kB per image.
 - "ivfpq": inverted lists of 8-bit PQ codes, 1/14 of float32; recall@100 below 0.9 without re-scoring.
 
 The search effort (IVF ``nprobe``, the re-scoring depth ``k_factor``, HNSW ``efSearch``) is saved with the index.
@@ -17,7 +18,7 @@ The search effort (IVF ``nprobe``, the re-scoring depth ``k_factor``, HNSW ``efS
 descriptors of the collection itself, meets a target; :func:`set_search_effort` is the expert knob.
 
     >>> index = build_search_index(descriptors, "ivf")         # or None (exact), "hnsw", "ivfpq"
-    >>> calibrate(index, descriptors, target=0.95)             # Calibration(recall=0.953, effort={'nprobe': 40, ...})
+    >>> calibrate(index, descriptors, target=0.95)             # sets nprobe / k_factor; returns the held-out recall
     >>> scores, ids = index.search(queries, 100)
 """
 
@@ -47,9 +48,9 @@ IVF_K_FACTOR = 2  # "ivf" before calibration: re-score the top 2k candidates
 PQ_BITS = 8
 FAST_SCAN_BITS = 4  # FAISS's fast-scan PQ codes are 4-bit
 REFINE_FACTORS = (1, 2, 4, 8)  # the re-scoring depths calibration tries (k_factor: k_factor * k candidates)
-# Calibration's cost model for "ivf": one re-scored candidate (a float16 512-d dot product) costs about as much as
-# scanning this many fast-scan codes (single queries on the 2-core machine of docs/search_scale.md: +200 candidates
-# cost ~0.04 ms, +12.8k codes ~0.2 ms).
+# Calibration's cost model for "ivf": one re-scored candidate (a float16 dot product) weighs as much as scanning this
+# many fast-scan codes. A rough weight from single-query timings on the 2-core machine of docs/search_scale.md, not a
+# documented measurement; re-scoring deeper than 2-4k buys almost nothing there anyway.
 REFINE_COST_IN_CODES = 12
 CALIBRATION_QUERIES = 500
 CONFIDENCE_Z = 1.645  # calibration asks the held-out recall's one-sided 95% lower bound to meet the target
@@ -194,8 +195,8 @@ def _ivf(x: np.ndarray, nlist: int | None, pq_m: int | None, nprobe: int, max_tr
     nlist = default_nlist(n, len(train)) if nlist is None else nlist
     if not 1 <= nlist <= len(train):
         raise CamRetrievalError(f"nlist must be between 1 and the {len(train)} training vectors, got {nlist}")
-    # A flat coarse quantizer: with an HNSW one (IVF{nlist}_HNSW32) recall@100 at 100k reached 0.931 by nprobe 256,
-    # against 0.985 (the sweeps of docs/search_scale.md).
+    # A flat coarse quantizer: with an HNSW one (IVF{nlist}_HNSW32) recall@100 at 1M reached 0.898 by nprobe 256,
+    # against 0.989 (the sweeps of docs/search_scale.md).
     index = faiss.index_factory(dim, f"IVF{nlist},PQ{pq_m}x{FAST_SCAN_BITS}fs,Refine(SQfp16)", faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.seed = seed

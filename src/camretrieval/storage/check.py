@@ -113,7 +113,7 @@ def maps_formats(store: IndexStore) -> dict[int, list[str]]:
 
 def upgrade_maps(store: IndexStore, progress: bool = False) -> int:
     """Re-encode every format 1 shard of the index into format 2 (:func:`camretrieval.storage.maps.upgrade_shard_maps`:
-    lossless, 17x smaller). Needs the writer lock (:meth:`IndexStore.writing`). Returns the shards upgraded."""
+    lossless, about 19x smaller). Needs the writer lock (:meth:`IndexStore.writing`). Returns the shards upgraded."""
     meta = store.meta()
     old = maps_formats(store).get(1, []) if meta.get("maps") else []
     if old and progress:

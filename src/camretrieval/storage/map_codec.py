@@ -1,4 +1,4 @@
-"""The compressed block of one image's maps (maps format 2, :mod:`camretrieval.storage.maps`): lossless, about 40 kB
+"""The compressed block of one image's maps (maps format 2, :mod:`camretrieval.storage.maps`): lossless, about 37 kB
 for the 1280 x 266 float16 values (681 kB) of a 448 px image with efficientnet_lite0.
 
 What the measurement said (``benchmarks/map_entropy.py``, clutter-dev at 448 px): 95% of lite0's head activations are

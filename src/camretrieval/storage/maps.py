@@ -13,8 +13,8 @@ files present say which: an index may hold both while it is being upgraded):
 
 - **format 2** (written since issue 14), per layer ``<layer>_maps.blocks``: a 16-byte file header (``CAMRMAPS``,
   format, channels K), then one compressed block per image (:mod:`camretrieval.storage.map_codec`: the non-zero
-  float16 values and their positions, zstd; lossless, about 40 kB for a 448 px image with efficientnet_lite0,
-  17x smaller than format 1), and ``<layer>_maps_blocks.npy`` (int64, N x 3: the byte offset of each image's block,
+  float16 values and their positions, zstd; lossless, 37 kB on average for a 448 px image with efficientnet_lite0,
+  19x smaller than format 1), and ``<layer>_maps_blocks.npy`` (int64, N x 3: the byte offset of each image's block,
   H, W; in descriptor order). One image's maps decode on their own; the counts of positive cells per channel
   (Eq. 2's Q_k times H x W) come out of the decoding, exactly.
 - **format 1** (indexes written before), per layer ``<layer>_maps.npy`` (float16, all images' cells x K,
