@@ -4,9 +4,10 @@ On the same images, backbone and size, in one run, every measurement repeated ``
 fastest of each kept: the machine is shared), seconds per image of:
 
 - **the limit**: the backbone's bare forward pass (no decoding, no CAMs, no writing) on the same images, decoded and
-  resized beforehand, grouped by shape, for every batch size (1, 2, 4, 8, 16) with and without channels-last; the
-  fastest of them is the machine's limit (what :mod:`camretrieval.extraction.calibration` looks for on a synthetic
-  image);
+  resized beforehand, grouped by shape, for every batch size (1, 2, 4, 8, 16) with and without channels-last, in
+  this process with all torch threads, and at batches 1 and 2 (channels-last) in one single-threaded process per
+  core at once; the fastest of them is the machine's limit (what :mod:`camretrieval.extraction.calibration` looks
+  for on a synthetic image);
 - **a cirtorch-style loop**: what ``cirtorch.networks.imageretrievalnet.extract_vectors`` does: a DataLoader of batch 1
   (``--workers`` decoding processes), the forward pass in the default memory layout, GeM pooling, l2; the image
   resized as ``index`` does (so the forward passes are the same);
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from camretrieval import Describer, ExtractionSettings, PCAWhitening, load_backbone
-from camretrieval.extraction.calibration import BATCH_SIZES, fastest_forward
+from camretrieval.extraction.calibration import BATCH_SIZES, fastest_forward, forward_processes_possible, usable_cores
 from camretrieval.extraction.images import ImageFileDataset, find_images, load_image, preprocess
 from camretrieval.storage.writer import update_index
 
@@ -56,6 +57,21 @@ class ImagesFromList(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return preprocess(load_image(self.paths[index]), self.size, self.mean, self.std)
+
+
+class BareForwards(Dataset):
+    """Pre-made batches, each forwarded bare in a DataLoader worker (one torch thread): one process per core."""
+
+    def __init__(self, backbone, batches: list[torch.Tensor]) -> None:
+        self.backbone, self.batches = backbone, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> int:
+        with torch.inference_mode():
+            self.backbone(self.batches[index])
+        return index
 
 
 def main() -> None:
@@ -136,8 +152,25 @@ def main() -> None:
                 features = backbone(image.to(device)).features
                 F.normalize(features.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3), dim=1).cpu()
 
+    def bare_forward_in_processes(batch_size: int):
+        batches = [
+            torch.stack(group[start : start + batch_size]).contiguous(memory_format=torch.channels_last)
+            for group in by_shape.values()
+            for start in range(0, len(group), batch_size)
+        ]
+
+        def run() -> None:
+            backbone.to(memory_format=torch.channels_last)
+            for _ in DataLoader(BareForwards(backbone, batches), batch_size=None, num_workers=usable_cores()):
+                pass
+
+        return run
+
     limits = {f"bare forward, batch {b}{', channels-last' if cl else ''}": bare_forward(b, cl)
               for cl in (True, False) for b in BATCH_SIZES}
+    if forward_processes_possible(device) and args.precision == "float32":
+        limits |= {f"bare forward, batch {b}, channels-last, {usable_cores()} processes x 1 thread":
+                   bare_forward_in_processes(b) for b in BATCH_SIZES[:2]}
     for run in limits.values():
         run()  # warm-up: first-call allocations and kernel selection for every shape
     runs = limits | {
@@ -157,9 +190,10 @@ def main() -> None:
     print(f"{n} images from {args.images} ({len(by_shape)} shapes after resizing), {args.backbone}, size {args.size}, "
           f"{torch.get_num_threads()} threads, {args.workers} decoding workers, {args.device} {args.precision}, "
           f"best of {args.repeats}; calibrated: batch {calibrated.batch_size}"
-          f"{', channels-last' if calibrated.channels_last else ''}")
+          f"{', channels-last' if calibrated.channels_last else ''}"
+          f"{f', {calibrated.processes} processes' if calibrated.processes > 1 else ''}")
     for name, value in seconds.items():
-        print(f"  {name:<40} {value / n:.4f} s/image  ({n / value:5.1f} images/s)")
+        print(f"  {name:<62} {value / n:.4f} s/image  ({n / value:5.1f} images/s)")
     default = seconds["index, defaults (64 CAMs + maps)"]
     print(f"the limit: {limit_name}")
     print(f"limit / index with its defaults (64 CAMs + maps):  {limit / default:.3f}")

@@ -21,8 +21,8 @@ Build time is reported without the forward passes a real collection would need (
 measured on clutter-dev). Queries: --queries of clutter-dev's 400 box queries (every 4th: all 40 objects), positives
 the other 9 views of the object, the query's own image excluded, every distractor a negative. Latency per query with
 one torch thread (plus the thread that decodes the next batch of maps), each pipeline timed end to end from the
-query's description: OfA (exact search), OnA (N_c = 8) over the OfA top 1000, OfA + R100, OfA + R100 + QE2; the
-query's forward pass is shown separately.
+query's description: OfA (exact search), OnA (N_c = 8) over the OfA top 100, 300 and 1000, OfA + R100, OfA + R100 +
+QE2; the query's forward pass is shown separately.
 
     python benchmarks/refinement_scale.py [--workdir /tmp/camretrieval-refinement] [--images 100000] [--queries 100]
 """
@@ -198,9 +198,14 @@ def main() -> None:
     needed = SearchOptions(online=True, online_classes=8, rerank=100)
     refinement = index.refinement
     index.describe_query(args.data / "clutter-dev" / index.paths[query_ids[0]].split("/", 1)[1], None, needed)  # warm-up
+    def online(top):
+        return lambda q, x: refinement.initial_ranking(q, SearchOptions(online=True, online_classes=8, online_top=top), x)
+
     pipelines = {
         "OfA": lambda q, x: refinement.initial_ranking(q, SearchOptions(), x),
-        "OnA N_c=8, top 1000": lambda q, x: refinement.initial_ranking(q, SearchOptions(online=True, online_classes=8, online_top=1000), x),
+        "OnA N_c=8, top 100": online(100),
+        "OnA N_c=8, top 300": online(300),
+        "OnA N_c=8, top 1000": online(1000),
         "OfA + R100": lambda q, x: refinement.rerank(q, refinement.initial_ranking(q, SearchOptions(), x), 100),
         "OfA + R100 + QE2": lambda q, x: refinement.expand(
             refinement.rerank(q, refinement.initial_ranking(q, SearchOptions(), x), 100), 2),

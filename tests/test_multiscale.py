@@ -125,20 +125,45 @@ def test_calibration_measures_once_and_caches(lite0, tmp_path, monkeypatch):
     monkeypatch.setattr(calibration, "BATCH_SIZES", (1, 2))
     monkeypatch.setattr(calibration, "MIN_SECONDS", 0.0)
     calls = []
-    real = calibration.time_forward
-    monkeypatch.setattr(calibration, "time_forward", lambda *args: calls.append(args) or real(*args))
+    for name in ("time_forward", "time_forward_in_processes"):
+        real = getattr(calibration, name)
+        monkeypatch.setattr(calibration, name, lambda *args, real=real: calls.append(args) or real(*args))
     device = torch.device("cpu")
     best = calibration.fastest_forward(lite0, 64, device, progress=False)
     measured = len(calls)
-    assert measured == 4  # batches 1 and 2 in channels-last, and without it
+    # batches 1 and 2 in channels-last and without it, one process per core at batches 1 and 2 where forking is
+    # possible; then the 3 fastest once more
+    in_processes = 2 if calibration.forward_processes_possible(device) else 0
+    assert measured == 4 + in_processes + calibration.FINALISTS
     assert best.batch_size in (1, 2) and best.seconds_per_image > 0
     cached = json.loads((tmp_path / "calibration.json").read_text())
     assert list(cached.values()) == [{"batch_size": best.batch_size, "channels_last": best.channels_last,
-                                      "seconds_per_image": best.seconds_per_image}]
+                                      "seconds_per_image": best.seconds_per_image, "processes": best.processes}]
     assert calibration.fastest_forward(lite0, 64, device, progress=False) == best
     assert len(calls) == measured  # the second time from the cache
     calibration.fastest_forward(lite0, 96, device, progress=False)  # another size: measured again
     assert len(calls) == 2 * measured
+
+
+@pytest.mark.skipif(not calibration.forward_processes_possible(torch.device("cpu")), reason="needs 2 cores and fork")
+def test_forward_passes_in_one_process_per_core_describe_alike(lite0, eth80_dir, tmp_path, monkeypatch):
+    """Calibrated to one single-threaded process per core, the files are decoded, forwarded and described in those
+    processes: the same descriptors (to float rounding: one thread sums in another order) and the same failures."""
+    from camretrieval.extraction.images import find_images
+
+    monkeypatch.setenv("CAMRETRIEVAL_CACHE", str(tmp_path))
+    describer = Describer(lite0, size=64)
+    key = calibration.calibration_key(lite0, 64, describer.device, "float32")
+    paths = find_images(eth80_dir)[:5] + ["missing.jpg"]
+    results = {}
+    for processes in (1, 2):
+        (tmp_path / "calibration.json").write_text(json.dumps({key: {
+            "batch_size": 2, "channels_last": True, "seconds_per_image": 0.01, "processes": processes}}))
+        results[processes] = describer.describe_files(paths, eth80_dir, progress=False)
+    (one, done_one, failed_one), (two, done_two, failed_two) = results[1], results[2]
+    assert done_one == done_two == [0, 1, 2, 3, 4]
+    assert [f.path for f in failed_one] == [f.path for f in failed_two] == ["missing.jpg"]
+    np.testing.assert_allclose(one, two, atol=1e-5)
 
 
 def test_describer_uses_the_calibrated_batch_size(lite0, eth80_dir, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from camretrieval.cli import main
 from camretrieval.extraction.images import load_image
 from camretrieval.method.cell_major import cropped_region_class_vectors
 from camretrieval.method.pooling import channel_weights, channel_weights_from_fractions
+from camretrieval.search import refinement as refinement_module
 from camretrieval.search.expansion import expanded_query, expansion_weights
 from camretrieval.search.online import online_descriptors
 from camretrieval.search.refinement import SearchOptions
@@ -152,9 +153,24 @@ def test_online_top_resorts_only_the_top(tiny, index):
     top = index.rank(query, SearchOptions(online=True, online_top=4))
     assert set(top.ids[:4]) == set(plain.ids[:4]) and list(top.ids[4:]) == list(plain.ids[4:])
     assert list(top.scores[:4]) == sorted(top.scores[:4], reverse=True)
-    everything = index.rank(query, SearchOptions(online=True))
+    everything = index.rank(query, SearchOptions(online=True, online_top=0))  # 0: every image
     clipped = index.rank(query, SearchOptions(online=True, online_top=1000))  # R > database: all re-aggregated
     assert list(clipped.ids) == list(everything.ids) and clipped.scores == pytest.approx(everything.scores, abs=1e-6)
+
+
+def test_online_aggregation_is_bounded_by_default(tiny, index, monkeypatch):
+    """By default OnA re-aggregates the top DEFAULT_ONLINE_TOP of plain search: a small index entirely, a large one
+    (here: a default of 4) only its top, exactly as an explicit --online-top."""
+    _, _, _, query_path, box = tiny
+    query = index.describe_query(query_path, box, SearchOptions(online=True))
+    everything = index.rank(query, SearchOptions(online=True, online_top=0))
+    default = index.rank(query, SearchOptions(online=True))
+    assert list(default.ids) == list(everything.ids) and default.scores == pytest.approx(everything.scores, abs=1e-6)
+    monkeypatch.setattr(refinement_module, "DEFAULT_ONLINE_TOP", 4)
+    assert SearchOptions(online=True).online_limit(len(index)) == 4
+    bounded, explicit = index.rank(query, SearchOptions(online=True)), index.rank(query, SearchOptions(online=True, online_top=4))
+    assert list(bounded.ids) == list(explicit.ids)
+    assert list(bounded.ids[4:]) == list(index.rank(query).ids[4:])  # past the top 4: plain search's order
 
 
 def test_channel_weights_from_fractions_is_eq_3(index):

@@ -32,6 +32,9 @@ POOLINGS = {
     "gem": "GeM: generalised mean, p = 3",
     "rmac": "R-MAC: max pooling of a 3-level grid of regions, each region whitened",
 }
+# Online aggregation re-aggregates the top 1000 of plain search by default: a query then costs on 100 000 images
+# about what it costs on 1000 (benchmarks/refinement_scale.py, docs/refinement.md "At 100 000 images").
+DEFAULT_ONLINE_TOP = 1000
 DEFAULT_RERANK_CLASSES = 6  # N_re of the paper: the query classes a candidate's regions are described with
 DEFAULT_TOP = 64  # learn-classes N: classes counted per example image (the descriptor's default N_c)
 DEFAULT_LENGTH = 64  # learn-classes L: classes kept

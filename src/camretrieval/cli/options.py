@@ -19,6 +19,7 @@ from camretrieval.constants import (
     DEFAULT_COMMIT_EVERY,
     DEFAULT_LENGTH,
     DEFAULT_NPCA,
+    DEFAULT_ONLINE_TOP,
     DEFAULT_POOLING,
     DEFAULT_RAY_WORKERS,
     DEFAULT_RERANK_CLASSES,
@@ -425,8 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--online-classes", type=count(1), metavar="N", help="N_c of online aggregation (default: the index's)"
     )
     refine.add_argument(
-        "--online-top", type=count(0), default=0, metavar="R",
-        help="with --online: re-aggregate only the top R of the plain search (default: 0, all)",
+        "--online-top", type=count(0), metavar="R",
+        help=f"with --online: re-aggregate only the top R of the plain search, which bounds a query's cost on a large "
+        f"index (default: {DEFAULT_ONLINE_TOP}; 0: every image)",
     )
     refine.add_argument(
         "--rerank", type=count(0), default=0, metavar="R", help="re-rank the top R with CAM regions (default: 0, off)"

@@ -66,7 +66,7 @@ def _queries(args: argparse.Namespace) -> list[tuple[str, Box | None]]:
         raise CamRetrievalError("no queries: give QUERY paths or --queries FILE")
     if args.qe_alpha is not None and not args.qe:
         raise CamRetrievalError("--qe-alpha goes with --qe K")
-    if args.online_top and not args.online:
+    if args.online_top is not None and not args.online:
         raise CamRetrievalError("--online-top goes with --online")
     if args.online_classes is not None and not args.online:
         raise CamRetrievalError("--online-classes goes with --online")

@@ -61,8 +61,10 @@ class _PoolingTimer:
         self.poolings = sorted({v.pooling for v in variants})
         self.seconds = {pooling: 0.0 for pooling in self.poolings}
 
-    def __call__(self, maps: FeatureMaps) -> dict[str, torch.Tensor]:
-        pooled = {}
+    def __call__(self, maps: FeatureMaps) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Each pooling's vectors of ``maps`` and the seconds each took. Pure, so that it may run in the describer's
+        worker processes: the caller adds the seconds up (:meth:`record`)."""
+        pooled, seconds = {}, {}
         for pooling in self.poolings:
             started = time.perf_counter()
             backbone = self.describer.backbone
@@ -72,8 +74,12 @@ class _PoolingTimer:
                     self.describer.class_list,
                 ).vectors
             pooled[pooling] = vectors.half()
-            self.seconds[pooling] += time.perf_counter() - started
-        return pooled
+            seconds[pooling] = time.perf_counter() - started
+        return pooled, seconds
+
+    def record(self, seconds: dict[str, float]) -> None:
+        for pooling, spent in seconds.items():
+            self.seconds[pooling] += spent
 
 
 def _pool_files(
@@ -85,7 +91,8 @@ def _pool_files(
     pooled: dict[str, list[torch.Tensor | None]] = {pooling: [None] * len(paths) for pooling in timer.poolings}
     failures: list = []
     started = time.perf_counter()
-    for indices, result in describer.iterate_files(paths, root, timer, batch_size, workers, progress, failures):
+    for indices, (result, spent) in describer.iterate_files(paths, root, timer, batch_size, workers, progress, failures):
+        timer.record(spent)
         for pooling, vectors in result.items():
             for index, rows in zip(indices, vectors.cpu()):
                 pooled[pooling][index] = rows
@@ -101,7 +108,9 @@ def _pool_queries(
     started = time.perf_counter()
     for index, query in enumerate(tqdm(dataset.queries, unit="query", disable=not progress, file=sys.stderr)):
         maps = describer.image_maps(dataset.query_path(index), query.box)
-        for pooling, vectors in timer(maps).items():
+        result, spent = timer(maps)
+        timer.record(spent)
+        for pooling, vectors in result.items():
             pooled[pooling].append(vectors[0].cpu())
     return pooled, timer, time.perf_counter() - started
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
+from camretrieval.constants import DEFAULT_ONLINE_TOP
 from camretrieval.errors import CamRetrievalError
 from camretrieval.explain.matches import explain_match, query_overlay, result_overlay
 from camretrieval.extraction.images import load_image
@@ -51,9 +52,10 @@ class QueryResults:
 def describe_refinement(options: SearchOptions, n_classes: int) -> str:
     """The query-time refinement of ``options`` in words, e.g. "online aggregation (N_c = 8), then re-ranking of the
     top 100 with CAM regions (N_re = 6)"."""
+    top = DEFAULT_ONLINE_TOP if options.online_top is None else options.online_top
     steps = [
         f"online aggregation (N_c = {options.online_n_classes(n_classes)}"
-        + (f", of the top {options.online_top})" if options.online_top else ")")
+        + (f", of at most the first {top} of plain search)" if top else ")")
         if options.online
         else f"offline aggregation (N_c = {n_classes})"
     ]

@@ -18,14 +18,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from camretrieval.errors import CamRetrievalError
 from camretrieval.extraction.backbones import Backbone, load_backbone
-from camretrieval.extraction.calibration import ForwardSpeed, fastest_forward
+from camretrieval.extraction.calibration import ForwardSpeed, fastest_forward, forward_processes_possible
 from camretrieval.extraction.images import (
     ImageFileDataset,
+    LoadedImage,
     check_image_size,
     collate_loaded,
     load_image,
@@ -246,43 +247,61 @@ class Describer:
     ) -> Iterator[tuple[list[int], object]]:
         """Describe many files (relative to ``root`` when given) in batches: the one way of extraction.
 
-        Files are decoded in ``workers`` DataLoader processes, in order of their resized shape
-        (:func:`~camretrieval.extraction.images.shape_order`); same-shape images run through the backbone together
-        (never padded: padding would change the features). Yields (indices into ``paths``, ``compute(maps)`` of
-        those images' batch of :class:`~camretrieval.method.feature_maps.FeatureMaps`; default: their descriptors
-        D_I). ``batch_size`` None: the machine's fastest (:meth:`fastest_forward`). Unusable files are reported,
-        appended to ``failures`` and skipped; a progress bar shows files done, rate and time left."""
+        Files are read in order of their resized shape (:func:`~camretrieval.extraction.images.shape_order`);
+        same-shape images run through the backbone together (never padded: padding would change the features).
+        Yields (indices into ``paths``, ``compute(maps)`` of those images' batch of
+        :class:`~camretrieval.method.feature_maps.FeatureMaps`; default: their descriptors D_I). Unusable files are
+        reported, appended to ``failures`` and skipped; a progress bar shows files done, rate and time left.
+
+        ``batch_size`` None: the machine's fastest way (:meth:`fastest_forward`), which on a multi-core CPU may be
+        one single-threaded process per core that decodes, forwards and computes its own images; ``compute`` then
+        runs in those processes and must return what it computes (state it keeps stays there). Otherwise, and with
+        a given ``batch_size``, files are decoded in ``workers`` DataLoader processes (0: in this one) and the
+        forward pass runs here."""
         if compute is None:
             compute = self.descriptors_of_maps
+        processes = 0
         if batch_size is None:
-            batch_size = self.fastest_forward(progress).batch_size
+            speed = self.fastest_forward(progress)
+            batch_size = speed.batch_size
+            if speed.processes > 1 and workers > 0 and forward_processes_possible(self.device):
+                processes = speed.processes
         failures = failures if failures is not None else []
         backbone = self.backbone
-        dataset = ImageFileDataset(paths, self.size, backbone.mean, backbone.std, backbone.stride, root)
+        files = ImageFileDataset(paths, self.size, backbone.mean, backbone.std, backbone.stride, root)
         loader = DataLoader(
-            dataset,
-            sampler=shape_order(dataset.paths, root, self.size),
+            _DescribedFiles(self, files, compute) if processes else files,
+            sampler=shape_order(files.paths, root, self.size),
             batch_size=max(batch_size, 1),
-            num_workers=workers,
+            num_workers=processes or workers,
             collate_fn=collate_loaded,
             persistent_workers=False,
         )
-        bar = tqdm(total=len(dataset), unit="img", disable=not progress, file=sys.stderr, smoothing=0.1)
+        bar = tqdm(total=len(files), unit="img", disable=not progress, file=sys.stderr, smoothing=0.1)
         try:
             for batch in loader:
-                by_shape: dict[tuple[int, ...], list] = {}
-                for item in batch:
-                    if item.tensor is None:
-                        failures.append(FileFailure(str(paths[item.index]), item.error or "unreadable", item.retry))
-                        bar.write(f"skipped {paths[item.index]}: {item.error}", file=sys.stderr)
-                    else:
-                        by_shape.setdefault(tuple(item.tensor.shape), []).append(item)
-                for group in by_shape.values():
-                    images = torch.stack([item.tensor for item in group])
-                    yield [item.index for item in group], compute(self.feature_maps(images))
-                bar.update(len(batch))
+                failed, described = batch if processes else self._describe_loaded(batch, compute)
+                for item in failed:
+                    failures.append(FileFailure(str(paths[item.index]), item.error or "unreadable", item.retry))
+                    bar.write(f"skipped {paths[item.index]}: {item.error}", file=sys.stderr)
+                yield from described
+                bar.update(len(failed) + sum(len(indices) for indices, _ in described))
         finally:
             bar.close()
+
+    def _describe_loaded(
+        self, batch: list[LoadedImage], compute: Callable[[FeatureMaps], object]
+    ) -> tuple[list[LoadedImage], list[tuple[list[int], object]]]:
+        """A batch of decoded files: (those that failed, [(indices, ``compute(maps)``) of each shape's group])."""
+        by_shape: dict[tuple[int, ...], list[LoadedImage]] = {}
+        for item in batch:
+            if item.tensor is not None:
+                by_shape.setdefault(tuple(item.tensor.shape), []).append(item)
+        described = [
+            ([item.index for item in group], compute(self.feature_maps(torch.stack([item.tensor for item in group]))))
+            for group in by_shape.values()
+        ]
+        return [item for item in batch if item.tensor is None], described
 
     def descriptors_of_maps(self, maps: FeatureMaps) -> torch.Tensor:
         """D_I of a batch of maps: this describer's pooling, then the aggregation (section 3)."""
@@ -322,6 +341,20 @@ class Describer:
             return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), failures
         owners = np.concatenate([np.full(len(vectors), index) for index, vectors in zip(done, rows)])
         return np.concatenate(rows).astype(np.float32), owners, failures
+
+
+class _DescribedFiles(Dataset):
+    """Files decoded, forwarded and computed in one DataLoader worker (:meth:`Describer.iterate_files` with one
+    single-threaded process per core): a batch of indices gives what :meth:`Describer._describe_loaded` returns."""
+
+    def __init__(self, describer: Describer, files: ImageFileDataset, compute: Callable[[FeatureMaps], object]) -> None:
+        self.describer, self.files, self.compute = describer, files, compute
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitems__(self, indices: list[int]):
+        return self.describer._describe_loaded([self.files[i] for i in indices], self.compute)
 
 
 def _usable_device(device: str | torch.device) -> torch.device:

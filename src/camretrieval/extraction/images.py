@@ -174,5 +174,5 @@ class ImageFileDataset(Dataset):
 
 
 def collate_loaded(items: list[LoadedImage]) -> list[LoadedImage]:
-    """Keep a batch as a list: images of different sizes are grouped by shape later, never padded."""
+    """Keep a batch as it is (a list of images: those of different sizes are grouped by shape later, never padded)."""
     return items

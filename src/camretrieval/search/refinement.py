@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from camretrieval.constants import DEFAULT_ONLINE_TOP
 from camretrieval.errors import CamRetrievalError
 from camretrieval.extraction.backbones import Backbone
 from camretrieval.method.aggregation import aggregate
@@ -31,8 +32,9 @@ from camretrieval.storage.maps import MapStore, require_maps
 class SearchOptions:
     """Query-time refinement (METHOD.md sections 3 and 5); the defaults are plain offline aggregation (OfA).
 
-    - ``online``: online aggregation, every database image aggregated with the query's top-``online_classes``
-      classes (default: the index's N_c); ``online_top`` R > 0 re-aggregates only the top-R of the OfA search.
+    - ``online``: online aggregation, database images aggregated with the query's top-``online_classes`` classes
+      (default: the index's N_c): the top ``online_top`` R of the OfA search (default
+      :data:`DEFAULT_ONLINE_TOP`, which bounds a query's cost on a large index: docs/refinement.md), 0 for all.
     - ``rerank`` R: re-rank the top-R with CAM regions described with the query's top-``rerank_classes`` (N_re).
     - ``qe`` K: query expansion with the top-K results, ``qe_alpha`` > 0 for alpha-QE (0: average QE).
 
@@ -41,7 +43,7 @@ class SearchOptions:
 
     online: bool = False
     online_classes: int | None = None
-    online_top: int = 0
+    online_top: int | None = None
     rerank: int = 0
     rerank_classes: int = DEFAULT_RERANK_CLASSES
     qe: int = 0
@@ -49,7 +51,7 @@ class SearchOptions:
 
     def __post_init__(self) -> None:
         for name in ("online_top", "rerank", "qe"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise CamRetrievalError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
         if self.online_classes is not None and self.online_classes < 1:
             raise CamRetrievalError(f"online_classes must be at least 1, got {self.online_classes}")
@@ -57,7 +59,7 @@ class SearchOptions:
             raise CamRetrievalError(f"rerank_classes must be at least 1, got {self.rerank_classes}")
         if not (self.qe_alpha >= 0 and np.isfinite(self.qe_alpha)):
             raise CamRetrievalError(f"qe_alpha must be a finite power >= 0, got {self.qe_alpha}")
-        if self.online_top and not self.online:
+        if self.online_top is not None and not self.online:
             raise CamRetrievalError("online_top only applies to online aggregation (online=True)")
 
     @property
@@ -67,6 +69,11 @@ class SearchOptions:
     @property
     def needs_maps(self) -> bool:
         return self.online or self.rerank > 0
+
+    def online_limit(self, n_images: int) -> int:
+        """How many of the OfA ranking's first images online aggregation re-aggregates in a database of ``n_images``."""
+        top = DEFAULT_ONLINE_TOP if self.online_top is None else self.online_top
+        return n_images if top == 0 else min(top, n_images)
 
     def online_n_classes(self, n_classes: int) -> int:
         """N_c of online aggregation: ``online_classes``, or the index's ``n_classes``."""
@@ -168,8 +175,8 @@ class Refinement:
     ) -> Ranking:
         """OfA: the query's descriptor (its top N_c classes) against the stored descriptors. OnA (``options.online``):
         the query's descriptor over its top-``online_classes`` classes against every database image aggregated
-        online with those classes (or only the top ``online_top`` of the OfA ranking, re-sorted; the rest keeps its
-        OfA order and scores)."""
+        online with those classes: the top ``options.online_limit`` of the OfA ranking, re-sorted (all of them on a
+        database that small; the rest keeps its OfA order and scores)."""
         options = options or SearchOptions()
         allowed = self._allowed(exclude)
         stored = self.descriptors.view()
@@ -185,14 +192,15 @@ class Refinement:
             raise CamRetrievalError("online aggregation needs the query's classes (pooling cam)")
         classes, q_online = query.classes[:n_online], query.descriptor(n_online, self.whitening)
         weight = self.backbone.classifier_weight
-        if options.online_top == 0:
+        limit = options.online_limit(len(self.descriptors))
+        if limit == len(self.descriptors):
             base = online_descriptors(store, np.arange(len(self.descriptors)), classes, weight, self.whitening)
             scores = base @ q_online
             ids = self._order(scores, allowed)
             return Ranking(ids, scores[ids], base, query=q_online)
         first = stored @ q_ofa
         ids = self._order(first, allowed)
-        top = ids[: min(options.online_top, len(ids))]
+        top = ids[:limit]
         online = online_descriptors(store, top, classes, weight, self.whitening)
         top_scores = online @ q_online
         order = np.argsort(-top_scores.astype(np.float64), kind="stable")
