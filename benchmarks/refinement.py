@@ -225,6 +225,9 @@ def main() -> None:
     bases = {"OfA": lambda q, ofa, excluded: ofa}
     bases |= {f"OnA N_c={n}": online(n) for n in args.online_classes}
     bases |= {f"OfA + R{r}": rerank(r) for r in args.rerank}
+    # search --refine: OnA N_c=8 unwhitened over the OfA top 1000 (all of a 400-image index); no QE after it
+    refine = "--refine (OnA N_c=8, unwhitened)"
+    bases[refine] = lambda q, ofa, excluded: index.refinement.initial_ranking(q, SearchOptions.refine(), excluded)
     rows: dict[str, list[np.ndarray]] = defaultdict(list)
     seconds: dict[str, list[float]] = defaultdict(list)
     forward_seconds = []
@@ -242,7 +245,7 @@ def main() -> None:
             started = time.perf_counter()
             ranking = stage(query, ofa, [query_id])
             base_seconds = time.perf_counter() - started + ofa_seconds * (base_name.startswith("OfA"))
-            for suffix, qe, alpha in QE_VARIANTS:
+            for suffix, qe, alpha in QE_VARIANTS if base_name != refine else QE_VARIANTS[:1]:
                 started = time.perf_counter()
                 final = index.refinement.expand(ranking, qe, alpha) if qe else ranking
                 name = base_name + suffix

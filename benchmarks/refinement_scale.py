@@ -206,6 +206,7 @@ def main() -> None:
         "OnA N_c=8, top 100": online(100),
         "OnA N_c=8, top 300": online(300),
         "OnA N_c=8, top 1000": online(1000),
+        "--refine (OnA N_c=8 unwhitened, top 1000)": lambda q, x: refinement.initial_ranking(q, SearchOptions.refine(), x),
         "OfA + R100": lambda q, x: refinement.rerank(q, refinement.initial_ranking(q, SearchOptions(), x), 100),
         "OfA + R100 + QE2": lambda q, x: refinement.expand(
             refinement.rerank(q, refinement.initial_ranking(q, SearchOptions(), x), 100), 2),

@@ -17,6 +17,7 @@ import torch
 
 from camretrieval import Describer, Index, PCAWhitening
 from camretrieval.cli import main
+from camretrieval.errors import CamRetrievalError
 from camretrieval.extraction.images import load_image
 from camretrieval.method.cell_major import cropped_region_class_vectors
 from camretrieval.method.pooling import channel_weights, channel_weights_from_fractions
@@ -156,6 +157,26 @@ def test_online_top_resorts_only_the_top(tiny, index):
     everything = index.rank(query, SearchOptions(online=True, online_top=0))  # 0: every image
     clipped = index.rank(query, SearchOptions(online=True, online_top=1000))  # R > database: all re-aggregated
     assert list(clipped.ids) == list(everything.ids) and clipped.scores == pytest.approx(everything.scores, abs=1e-6)
+
+
+def test_refine_is_unwhitened_online_aggregation_over_the_query_top_8_classes(tiny, index):
+    """SearchOptions.refine(): OnA with the query's top 8 classes and no whitening: each database image's raw class
+    vectors for those classes, l2-normalised, summed, l2-normalised (Eq. 4 and section 3 without the PCA step),
+    scored against the query's alike."""
+    _, _, _, query_path, box = tiny
+    options = SearchOptions.refine()
+    assert (options.online, options.online_classes, options.online_whitening) == (True, 8, False)
+    query = index.describe_query(query_path, box, options)
+    ranking = index.rank(query, options)
+    weight = index.describer.backbone.classifier_weight
+    raw = online_descriptors(index.maps, np.arange(len(index)), query.classes[:8], weight, None)
+    q = torch.nn.functional.normalize(query.vectors[:8].sum(0), dim=0).numpy()  # query.vectors are l2-normalised
+    assert raw.shape[1] == index.maps.features.channels  # the raw feature space, not the whitened one
+    assert ranking.scores == pytest.approx(np.sort(raw @ q)[::-1], abs=1e-5)
+    assert list(ranking.ids) == list(np.argsort(-(raw @ q), kind="stable"))
+    for bad in ({"rerank": 5}, {"qe": 2}):
+        with pytest.raises(CamRetrievalError, match="raw feature space"):
+            SearchOptions(online=True, online_whitening=False, **bad)
 
 
 def test_online_aggregation_is_bounded_by_default(tiny, index, monkeypatch):
@@ -333,6 +354,8 @@ def test_search_flags_through_the_cli(tiny, index, capsys):
         ("--online", "--online-classes", "4", "--online-top", "5"): SearchOptions(online=True, online_classes=4, online_top=5),
         ("--rerank", "100", "--rerank-classes", "3"): SearchOptions(rerank=100, rerank_classes=3),
         ("--qe", "2"): SearchOptions(qe=2),
+        ("--refine",): SearchOptions.refine(),
+        ("--online", "--online-unwhitened", "--online-top", "0"): SearchOptions(online=True, online_whitening=False, online_top=0),
         ("--rerank", "5", "--qe", "3", "--qe-alpha", "3"): SearchOptions(rerank=5, qe=3, qe_alpha=3.0),
     }
     for extra, options in flags.items():
@@ -341,6 +364,8 @@ def test_search_flags_through_the_cli(tiny, index, capsys):
         expected = index.rank(query, options)
         assert [h["path"] for h in hits] == [index.paths[i] for i in expected.ids], extra
         assert [h["score"] for h in hits] == pytest.approx(expected.scores.tolist(), abs=1e-5), extra
-    for bad in [["--qe-alpha", "2"], ["--online-top", "3"], ["--rerank", "-1"], ["--online", "--online-classes", "0"]]:
+    for bad in [["--qe-alpha", "2"], ["--online-top", "3"], ["--rerank", "-1"], ["--online", "--online-classes", "0"],
+                ["--refine", "--qe", "2"], ["--refine", "--online"], ["--online-unwhitened"],
+                ["--online", "--online-unwhitened", "--rerank", "3"]]:
         assert main(base + bad) == 2, bad
         assert "error" in capsys.readouterr().err

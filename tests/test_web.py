@@ -179,7 +179,7 @@ def test_search_by_path_and_upload_is_the_cli_search(server, collection):
     assert [sorted(entry) for entry in by_path] == [["box", "query", "query_id", "refinement", "results", "seconds"]]
     assert by_path[0]["query"] == relative and by_path[0]["query_id"] is None
     assert by_path[0]["refinement"] == {
-        "online": False, "rerank": 0, "rerank_classes": SearchOptions().rerank_classes, "qe": 0, "qe_alpha": 0.0
+        "refine": False, "online": False, "online_classes": None, "online_whitening": True, "rerank": 0, "rerank_classes": SearchOptions().rerank_classes, "qe": 0, "qe_alpha": 0.0
     }
     hits = by_path[0]["results"]
     assert all(sorted(hit) == ["path", "score"] for hit in hits)
@@ -208,13 +208,24 @@ def test_search_options_are_the_index_options(server, collection):
     assert status == 200
     assert [h["path"] for h in result[0]["results"]] == [h.path for h in expected]
     assert [h["score"] for h in result[0]["results"]] == pytest.approx([h.score for h in expected], abs=1e-4)
-    assert result[0]["refinement"] == {"online": True, "rerank": 5, "rerank_classes": 6, "qe": 2, "qe_alpha": 0.0}
+    assert result[0]["refinement"] == {"refine": False, "online": True, "online_classes": None, "online_whitening": True, "rerank": 5, "rerank_classes": 6,
+                                       "qe": 2, "qe_alpha": 0.0}
     # R and K past the index's 13 images are clipped to it, and the answer says what was applied.
     status, result = search(
         server, {"path": query.relative_to(images).as_posix(), "top": "3", "rerank": "100", "qe": "50", "qe_alpha": "3"}
     )
     assert status == 200
-    assert result[0]["refinement"] == {"online": False, "rerank": 13, "rerank_classes": 6, "qe": 13, "qe_alpha": 3.0}
+    assert result[0]["refinement"] == {"refine": False, "online": False, "online_classes": None, "online_whitening": True, "rerank": 13,
+                                       "rerank_classes": 6, "qe": 13, "qe_alpha": 3.0}
+    # refine: the measured best, as search --refine; alone
+    refined = Index.open(index_dir).search([query], top=6, options=SearchOptions.refine())[0]
+    status, result = search(server, {"path": query.relative_to(images).as_posix(), "top": "6", "refine": "true"})
+    assert status == 200
+    assert [h["path"] for h in result[0]["results"]] == [h.path for h in refined]
+    assert result[0]["refinement"] == {"refine": True, "online": True, "online_classes": 8, "online_whitening": False,
+                                       "rerank": 0, "rerank_classes": 6, "qe": 0, "qe_alpha": 0.0}
+    status, error = search(server, {"path": query.relative_to(images).as_posix(), "refine": "true", "qe": "2"})
+    assert status == 400 and "refine" in str(error)
 
 
 def test_explain_gives_classes_region_and_png_overlays(server, collection):

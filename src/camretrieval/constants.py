@@ -35,6 +35,9 @@ POOLINGS = {
 # Online aggregation re-aggregates the top 1000 of plain search by default: a query then costs on 100 000 images
 # about what it costs on 1000 (benchmarks/refinement_scale.py, docs/refinement.md "At 100 000 images").
 DEFAULT_ONLINE_TOP = 1000
+# search --refine: online aggregation over the query's top 8 classes, unwhitened (docs/refinement.md "The measured
+# best": .366 mAP on clutter-dev's box queries against .305 whitened, measured by benchmarks/refinement.py).
+REFINE_ONLINE_CLASSES = 8
 DEFAULT_RERANK_CLASSES = 6  # N_re of the paper: the query classes a candidate's regions are described with
 DEFAULT_TOP = 64  # learn-classes N: classes counted per example image (the descriptor's default N_c)
 DEFAULT_LENGTH = 64  # learn-classes L: classes kept

@@ -29,6 +29,7 @@ from camretrieval.constants import (
     MIN_COLLECTION_WHITENING,
     POOLINGS,
     PRECISIONS,
+    REFINE_ONLINE_CLASSES,
     box_numbers,
 )
 
@@ -419,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rerank need an index with maps)"
     )
     refine.add_argument(
+        "--refine", action="store_true",
+        help=f"the measured best refinement for box queries (docs/refinement.md): online aggregation with the query's "
+        f"top {REFINE_ONLINE_CLASSES} classes, unwhitened, over the top {DEFAULT_ONLINE_TOP} of the plain search; the "
+        "flags below are its parts, for experts",
+    )
+    refine.add_argument(
         "--online", action="store_true",
         help="online aggregation: every database image aggregated with the query's classes",
     )
@@ -429,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--online-top", type=count(0), metavar="R",
         help=f"with --online: re-aggregate only the top R of the plain search, which bounds a query's cost on a large "
         f"index (default: {DEFAULT_ONLINE_TOP}; 0: every image)",
+    )
+    refine.add_argument(
+        "--online-unwhitened", action="store_true",
+        help="with --online: aggregate without the PCA-whitening (the raw class vectors); not with --rerank or --qe",
     )
     refine.add_argument(
         "--rerank", type=count(0), default=0, metavar="R", help="re-rank the top R with CAM regions (default: 0, off)"

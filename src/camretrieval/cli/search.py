@@ -70,6 +70,12 @@ def _queries(args: argparse.Namespace) -> list[tuple[str, Box | None]]:
         raise CamRetrievalError("--online-top goes with --online")
     if args.online_classes is not None and not args.online:
         raise CamRetrievalError("--online-classes goes with --online")
+    if args.online_unwhitened and not args.online:
+        raise CamRetrievalError("--online-unwhitened goes with --online")
+    if args.online_unwhitened and (args.rerank or args.qe):
+        raise CamRetrievalError("--online-unwhitened ranks in the raw feature space: not with --rerank or --qe")
+    if args.refine and (args.online or args.rerank or args.qe):
+        raise CamRetrievalError("--refine is a complete refinement: give it alone, or its parts (--online ...) instead")
     if args.html is not None and args.html.is_dir():
         raise CamRetrievalError(f"--html {args.html} is a folder: name the page's file, e.g. {args.html / 'results.html'}")
     return queries
@@ -81,10 +87,11 @@ def run_search(args: argparse.Namespace) -> int:
     from camretrieval.search.refinement import SearchOptions
     from camretrieval.storage.maps import require_maps
 
-    options = SearchOptions(
+    options = SearchOptions.refine() if args.refine else SearchOptions(
         online=args.online,
         online_classes=args.online_classes,
         online_top=args.online_top,
+        online_whitening=not args.online_unwhitened,
         rerank=args.rerank,
         rerank_classes=args.rerank_classes,
         qe=args.qe,
@@ -92,7 +99,7 @@ def run_search(args: argparse.Namespace) -> int:
     )
     index = Index.open(args.index_dir, device=args.device, exact=args.exact)
     if options.needs_maps:  # one clear error, not one per query
-        require_maps(index.maps, "--online" if options.online else "--rerank")
+        require_maps(index.maps, "--refine" if args.refine else "--online" if options.online else "--rerank")
     root = str(index.image_root) if index.image_root is not None else None
     results, answered, failed = [], [], 0
     for query, box in queries:

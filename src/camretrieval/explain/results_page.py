@@ -55,6 +55,7 @@ def describe_refinement(options: SearchOptions, n_classes: int) -> str:
     top = DEFAULT_ONLINE_TOP if options.online_top is None else options.online_top
     steps = [
         f"online aggregation (N_c = {options.online_n_classes(n_classes)}"
+        + (", unwhitened" if not options.online_whitening else "")
         + (f", of at most the first {top} of plain search)" if top else ")")
         if options.online
         else f"offline aggregation (N_c = {n_classes})"

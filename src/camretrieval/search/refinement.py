@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from camretrieval.constants import DEFAULT_ONLINE_TOP
+from camretrieval.constants import DEFAULT_ONLINE_TOP, REFINE_ONLINE_CLASSES
 from camretrieval.errors import CamRetrievalError
 from camretrieval.extraction.backbones import Backbone
 from camretrieval.method.aggregation import aggregate
@@ -35,6 +35,9 @@ class SearchOptions:
     - ``online``: online aggregation, database images aggregated with the query's top-``online_classes`` classes
       (default: the index's N_c): the top ``online_top`` R of the OfA search (default
       :data:`DEFAULT_ONLINE_TOP`, which bounds a query's cost on a large index: docs/refinement.md), 0 for all.
+    - ``online_whitening`` False: online aggregation without the PCA-whitening (the raw class vectors, l2-normalised
+      and summed), the query alike; it ranks in the raw feature space, so re-ranking and QE (which work in the
+      whitened one) do not follow it. :meth:`refine` is the measured best for box queries.
     - ``rerank`` R: re-rank the top-R with CAM regions described with the query's top-``rerank_classes`` (N_re).
     - ``qe`` K: query expansion with the top-K results, ``qe_alpha`` > 0 for alpha-QE (0: average QE).
 
@@ -44,6 +47,7 @@ class SearchOptions:
     online: bool = False
     online_classes: int | None = None
     online_top: int | None = None
+    online_whitening: bool = True
     rerank: int = 0
     rerank_classes: int = DEFAULT_RERANK_CLASSES
     qe: int = 0
@@ -61,6 +65,20 @@ class SearchOptions:
             raise CamRetrievalError(f"qe_alpha must be a finite power >= 0, got {self.qe_alpha}")
         if self.online_top is not None and not self.online:
             raise CamRetrievalError("online_top only applies to online aggregation (online=True)")
+        if not self.online_whitening and not self.online:
+            raise CamRetrievalError("online_whitening only applies to online aggregation (online=True)")
+        if not self.online_whitening and (self.rerank or self.qe):
+            raise CamRetrievalError(
+                "online aggregation without whitening ranks in the raw feature space; re-ranking and query expansion "
+                "work in the whitened one: use one or the other"
+            )
+
+    @classmethod
+    def refine(cls) -> "SearchOptions":
+        """The measured best refinement for box queries (``search --refine``; docs/refinement.md "The measured best"):
+        online aggregation with the query's top 8 classes, without the whitening, over the top
+        :data:`DEFAULT_ONLINE_TOP` of plain search."""
+        return cls(online=True, online_classes=REFINE_ONLINE_CLASSES, online_whitening=False)
 
     @property
     def refined(self) -> bool:
@@ -190,18 +208,19 @@ class Refinement:
         n_online = options.online_n_classes(self.n_classes)
         if query.classes is None:
             raise CamRetrievalError("online aggregation needs the query's classes (pooling cam)")
-        classes, q_online = query.classes[:n_online], query.descriptor(n_online, self.whitening)
+        whitening = self.whitening if options.online_whitening else None
+        classes, q_online = query.classes[:n_online], query.descriptor(n_online, whitening)
         weight = self.backbone.classifier_weight
         limit = options.online_limit(len(self.descriptors))
         if limit == len(self.descriptors):
-            base = online_descriptors(store, np.arange(len(self.descriptors)), classes, weight, self.whitening)
+            base = online_descriptors(store, np.arange(len(self.descriptors)), classes, weight, whitening)
             scores = base @ q_online
             ids = self._order(scores, allowed)
             return Ranking(ids, scores[ids], base, query=q_online)
         first = stored @ q_ofa
         ids = self._order(first, allowed)
         top = ids[:limit]
-        online = online_descriptors(store, top, classes, weight, self.whitening)
+        online = online_descriptors(store, top, classes, weight, whitening)
         top_scores = online @ q_online
         order = np.argsort(-top_scores.astype(np.float64), kind="stable")
         ids = np.concatenate([top[order], ids[len(top) :]])

@@ -71,7 +71,10 @@ class Hit(BaseModel):
 
 
 class RefinementUsed(BaseModel):
+    refine: bool = Field(False, description="the measured best refinement (`search --refine`) was applied")
     online: bool = Field(description="online aggregation (OnA) was applied")
+    online_classes: int | None = Field(None, description="N_c of online aggregation (None: the index's)")
+    online_whitening: bool = Field(True, description="online aggregation with the PCA-whitening")
     rerank: int = Field(description="the top R re-ranked with CAM regions (0: none; clipped to the index's size)")
     rerank_classes: int = Field(description="N_re: the query's classes that describe each region when re-ranking")
     qe: int = Field(description="query expansion with the top K (0: none; clipped to the index's size)")
@@ -625,6 +628,10 @@ def create_app(
         query_id: str | None = Form(None, description="or an earlier upload's query_id"),
         box: str | None = Form(None, description="x1,y1,x2,y2 around the object, in the query's pixels"),
         top: int = Form(10, ge=1, le=1000),
+        refine: bool = Form(
+            False, description="the measured best refinement for box queries, as `search --refine` (needs an index "
+            "with maps; not with online, rerank or qe)",
+        ),
         online: bool = Form(False, description="online aggregation (needs an index with maps)"),
         rerank: int = Form(0, ge=0, description="re-rank the top R with CAM regions (needs an index with maps)"),
         qe: int = Form(0, ge=0, description="query expansion with the top K"),
@@ -637,7 +644,9 @@ def create_app(
                 400, "give the query as an uploaded file, an indexed path, or an upload's query_id (one of them)"
             )
         parsed_box = _parse_box(box)
-        options = SearchOptions(online=online, rerank=rerank, qe=qe, qe_alpha=qe_alpha)
+        if refine and (online or rerank or qe):
+            raise RequestError(400, "refine is a complete refinement: give it alone, or online, rerank and qe instead")
+        options = SearchOptions.refine() if refine else SearchOptions(online=online, rerank=rerank, qe=qe, qe_alpha=qe_alpha)
 
         indexed = state.images.resolve(path) if path is not None else None
 
@@ -663,7 +672,10 @@ def create_app(
         name, upload_id, hits, seconds = state.work.run(work)
         count = len(state.index)
         used = {
+            "refine": refine,
             "online": options.online,
+            "online_classes": options.online_classes,
+            "online_whitening": options.online_whitening,
             "rerank": min(options.rerank, count),
             "rerank_classes": options.rerank_classes,
             "qe": min(options.qe, count),

@@ -68,6 +68,7 @@ async function loadInfo() {
   const s = info.settings;
   $("index-info").textContent = `${info.count} images · ${s.backbone}, ${s.size} px, pooling ${s.pooling}`;
   const r = info.refinement;
+  $("refine").disabled = !r.online;
   $("online").disabled = !r.online;
   $("rerank").disabled = !r.rerank;
   $("qe").disabled = !r.qe;
@@ -377,9 +378,12 @@ $("search-form").addEventListener("submit", async (event) => {
   else form.append("file", source.file, source.file.name);
   if (state.box) form.append("box", state.box.join(","));
   form.append("top", $("top").value || "20");
-  if (!$("online").disabled && $("online").checked) form.append("online", "true");
-  if (!$("rerank").disabled) form.append("rerank", $("rerank").value || "0");
-  if (!$("qe").disabled) form.append("qe", $("qe").value || "0");
+  if (!$("refine").disabled && $("refine").checked) form.append("refine", "true"); // the rest is its expert form
+  else {
+    if (!$("online").disabled && $("online").checked) form.append("online", "true");
+    if (!$("rerank").disabled) form.append("rerank", $("rerank").value || "0");
+    if (!$("qe").disabled) form.append("qe", $("qe").value || "0");
+  }
   $("search-button").disabled = true;
   setStatus("searching…");
   $("results").dataset.state = "searching";
@@ -449,6 +453,7 @@ function showResults(entry) {
 // What the server applied, in words: e.g. "online aggregation (OnA) · re-ranked the top 30 ..." or "none, plain search".
 function refinementText(r) {
   if (!r) return "";
+  if (r.refine) return `Refinement: the best for a boxed object, online aggregation with the query's top ${r.online_classes} classes, unwhitened`;
   const parts = [];
   if (r.online) parts.push("online aggregation (OnA)");
   if (r.rerank) parts.push(`re-ranked the top ${r.rerank} with CAM regions (N_re = ${r.rerank_classes})`);
