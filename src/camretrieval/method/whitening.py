@@ -113,9 +113,20 @@ class PCAWhitening:
                 f"PCA-whitening expects {self.input_dim}-d vectors, got {vectors.shape[-1]}-d ones: "
                 "it was learned for another backbone or layer"
             )
-        projection = torch.as_tensor(self.components_ / np.sqrt(self.eigenvalues_)[:, None], dtype=vectors.dtype)
-        mean = torch.as_tensor(self.mean_, dtype=vectors.dtype)
-        return (vectors - mean.to(vectors.device)) @ projection.to(vectors.device).T
+        mean, projection = self._tensors(vectors.dtype, vectors.device)
+        return (vectors - mean) @ projection
+
+    def _tensors(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and the whitening projection (K x dim, components / sqrt(eigenvalues), transposed) as tensors,
+        made once per dtype and device: a search or an extraction transforms thousands of small batches."""
+        fitted = (self.mean_, self.components_, self.eigenvalues_)
+        cache = self.__dict__.setdefault("_tensor_cache", {})
+        entry = cache.get((dtype, device))
+        if entry is None or any(a is not b for a, b in zip(entry[0], fitted)):  # refitted since: made again
+            projection = torch.as_tensor(self.components_ / np.sqrt(self.eigenvalues_)[:, None], dtype=dtype)
+            mean = torch.as_tensor(self.mean_, dtype=dtype)
+            entry = cache[(dtype, device)] = (fitted, mean.to(device), projection.T.contiguous().to(device))
+        return entry[1], entry[2]
 
     def save(self, file: str | Path | BinaryIO) -> None:
         """Write a ``.npz`` file (NumPy arrays and a JSON header; readable without pickle)."""
