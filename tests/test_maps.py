@@ -9,6 +9,7 @@ import torch
 
 from camretrieval import Describer, Index, PCAWhitening
 from camretrieval.cli.info import index_info, info_text
+from camretrieval.errors import CamRetrievalError
 from camretrieval.search.online import online_descriptors
 from camretrieval.search.refinement import QueryDescription, SearchOptions
 from camretrieval.search.reranking import region_scores
@@ -25,7 +26,7 @@ from camretrieval.storage.map_codec import (
     gap_decode,
     read_header,
 )
-from camretrieval.storage.maps import MapStore, MapStoreWriter, maps_files, shard_maps_format
+from camretrieval.storage.maps import MapStore, MapStoreWriter, encode_maps, maps_files, shard_maps_format
 
 ODD_VALUES = np.array([-0.0, -1.5, 2**-24, -(2**-24), 6.0, 65504.0, -65504.0, np.nan, 1e-3, 5.99], dtype=np.float16)
 
@@ -149,6 +150,27 @@ def test_a_store_reads_back_what_was_written_in_either_format(tmp_path, separate
         assert sorted(seen) == list(range(len(images)))
         assert [g.tolist() for g in reopened.shape_groups(np.arange(5), 2)] == [[0, 2], [4], [1], [3]]
     assert stores[2].nbytes() < stores[1].nbytes() / 2  # tiny maps: zstd frames cost ~20 bytes each
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_maps_encoded_beforehand_are_stored_byte_for_byte_alike(tmp_path, separate):
+    """encode_maps (what the describer's processes run) makes the very blocks MapStoreWriter.add makes of tensors;
+    a format 1 store refuses them."""
+    rng = np.random.default_rng(2)
+    images = random_images(rng, [(3, 4), (2, 2), (3, 4)], channels=32, cam_channels=16 if separate else None)
+    from_tensors = write_store(tmp_path / "tensors", images, 2, separate)
+    (tmp_path / "encoded").mkdir()
+    writer = MapStoreWriter(len(images), separate, tmp_path / "encoded")
+    for number, (features, activations) in reversed(list(enumerate(images))):
+        writer.add(number, encode_maps(torch.from_numpy(features.astype(np.float32))),
+                   None if activations is None else encode_maps(torch.from_numpy(activations.astype(np.float32))))
+    writer.finish(range(len(images)))
+    for layer in ("features", "cam_activations")[: 2 if separate else 1]:
+        for name in maps_files(layer, 2):
+            assert (tmp_path / "encoded" / name).read_bytes() == (from_tensors.location / name).read_bytes()
+    (tmp_path / "old").mkdir()
+    with pytest.raises(CamRetrievalError, match="format 2"):
+        MapStoreWriter(1, False, tmp_path / "old", maps_format=1).add(0, encode_maps(torch.zeros(4, 2, 2)))
 
 
 def test_online_aggregation_and_reranking_read_both_formats_alike(tmp_path):

@@ -57,8 +57,8 @@ _BLOCKS_MAGIC = b"CAMRMAPS"
 LAYERS = ("features", "cam_activations")
 
 __all__ = [
-    "LAYERS", "MAPS_FORMAT", "BlockCells", "DenseCells", "LoadedMaps", "MapStore", "MapStoreWriter",
-    "MapsDamagedError", "MapsNotStoredError", "RaggedMaps", "maps_file_names", "maps_files", "shard_maps_format",
+    "LAYERS", "MAPS_FORMAT", "BlockCells", "DenseCells", "EncodedMaps", "LoadedMaps", "MapStore", "MapStoreWriter",
+    "MapsDamagedError", "MapsNotStoredError", "RaggedMaps", "encode_maps", "maps_file_names", "maps_files", "shard_maps_format",
     "upgrade_shard_maps",
 ]
 
@@ -433,6 +433,31 @@ class MapStore:
         return store
 
 
+def stored_cells(maps: torch.Tensor) -> np.ndarray:
+    """One image's maps (K x H x W, any float dtype/device) as stored: H*W x K float16, cell-major, values beyond
+    float16's range clipped to it."""
+    channels, height, width = maps.shape
+    cells = maps.detach().permute(1, 2, 0).reshape(height * width, channels).float()
+    return cells.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).to(torch.float16).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class EncodedMaps:
+    """One layer's maps of one image as a format 2 block (:func:`encode_maps`), ready for :meth:`MapStoreWriter.add`."""
+
+    block: bytes
+    height: int
+    width: int
+    channels: int
+
+
+def encode_maps(maps: torch.Tensor) -> EncodedMaps:
+    """One image's maps (K x H x W) as a format 2 block: pure, so that the processes that compute the maps can encode
+    them too (38 kB instead of 1.4 MB of float32 to pass on)."""
+    channels, height, width = maps.shape
+    return EncodedMaps(encode_block(stored_cells(maps), height, width), height, width, channels)
+
+
 class MapStoreWriter:
     """Streams the maps of images into the files of a shard folder as they are extracted (an index of many images
     does not fit in memory), in any order; :meth:`finish` completes the files, the table in descriptor order, and
@@ -464,34 +489,42 @@ class MapStoreWriter:
     def _spool(self, layer: str) -> Path:
         return self.directory / (self._names[layer][0] + ".spool")
 
-    def add(self, image: int, features: torch.Tensor, cam_activations: torch.Tensor | None = None) -> None:
-        """Append one image's maps (K x H x W each, any float dtype/device)."""
+    def add(
+        self, image: int, features: "torch.Tensor | EncodedMaps", cam_activations: "torch.Tensor | EncodedMaps | None" = None
+    ) -> None:
+        """Append one image's maps: K x H x W tensors (any float dtype/device), or their blocks made beforehand by
+        :func:`encode_maps` (format 2: for instance in the processes that computed them)."""
         for layer, maps in zip(self.layers, (features, cam_activations)):
             if maps is None:
                 raise CamRetrievalError("this store keeps the CAM layer's maps: pass them")
-            channels, height, width = maps.shape
-            cells = maps.detach().permute(1, 2, 0).reshape(height * width, channels).float()
-            cells = cells.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).to(torch.float16).cpu().numpy()
-            self.add_cells(layer, image, cells, height, width)
+            if isinstance(maps, EncodedMaps):
+                if self.maps_format != 2:
+                    raise CamRetrievalError("encoded maps (format 2) go into a format 2 store")
+                self._append(layer, image, maps.block, maps.height, maps.width, maps.channels)
+            else:
+                height, width = maps.shape[1:]
+                self.add_cells(layer, image, stored_cells(maps), height, width)
 
     def add_cells(self, layer: str, image: int, cells: np.ndarray, height: int, width: int) -> None:
         """Append one layer's maps of one image as stored: ``cells`` (H*W x K float16, cell-major)."""
+        cells = np.ascontiguousarray(cells, dtype=MAPS_DTYPE)
         channels = cells.shape[1]
+        if self.maps_format == 1:
+            self._append(layer, image, cells.tobytes(), height, width, channels)
+            if self._positives[layer] is None:
+                self._positives[layer] = np.zeros((len(self._tables[layer]), channels), dtype=np.int32)
+            self._positives[layer][image] = count_positives(cells)
+        else:
+            self._append(layer, image, encode_block(cells, height, width), height, width, channels)
+
+    def _append(self, layer: str, image: int, data: bytes, height: int, width: int, channels: int) -> None:
         if self._channels[layer] is None:
             self._channels[layer] = channels
         elif self._channels[layer] != channels:
             raise CamRetrievalError(f"{layer}: {channels} channels after {self._channels[layer]}")
         if self._tables[layer][image, 0] >= 0:
             raise CamRetrievalError(f"the maps of image {image} were already added")
-        cells = np.ascontiguousarray(cells, dtype=MAPS_DTYPE)
-        if self.maps_format == 1:
-            data, size = cells.tobytes(), height * width
-            if self._positives[layer] is None:
-                self._positives[layer] = np.zeros((len(self._tables[layer]), channels), dtype=np.int32)
-            self._positives[layer][image] = count_positives(cells)
-        else:
-            data = encode_block(cells, height, width)
-            size = len(data)
+        size = height * width if self.maps_format == 1 else len(data)
         self._files[layer].write(data)
         self._tables[layer][image] = (self._written[layer], height, width)
         self._written[layer] += size
