@@ -34,6 +34,9 @@ OPTIONS = ["--size", str(SIZE), "--classes", "4", "--whiten", "none", "--workers
 TIMEOUT = 120  # seconds for one change to show (generous: the machine is shared)
 
 
+BATCH = 48  # images added at once before the kill -9
+
+
 def _image(path: Path, seed: int) -> Path:
     """A distinct small JPEG: a random 8 x 8 grid of colours, scaled up."""
     cells = np.random.default_rng(seed).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
@@ -173,9 +176,10 @@ def test_a_watch_follows_every_change_survives_kill_9_and_resumes_polling(tmp_pa
         shutil.rmtree(folder / "sub")
         _wait(lambda: not any(path.startswith("sub/") for path in _catalog(index_dir)), "the deleted folder", logs)
 
-        # 12 images at once: a batch of 6 commits of 2. kill -9 once it committed the first: in the middle of it.
+        # 48 images at once: a batch of 24 commits of 2. kill -9 once it committed the first: in the middle of it
+        # (a batch short enough to finish between two looks at the catalog would not test that).
         before = _generation(index_dir)
-        for seed in range(12):
+        for seed in range(BATCH):
             _image(folder / f"img{seed:02d}.jpg", 100 + seed)
         _wait(lambda: _generation(index_dir) > before, "the first commit of the batch", logs)
         process.send_signal(signal.SIGKILL)
@@ -184,7 +188,7 @@ def test_a_watch_follows_every_change_survives_kill_9_and_resumes_polling(tmp_pa
         if process.poll() is None:
             process.kill()
     interrupted = _catalog(index_dir)
-    assert 4 < len(interrupted) < 16 and all(status == "done" for _, status in interrupted.values())
+    assert 4 < len(interrupted) < 4 + BATCH and all(status == "done" for _, status in interrupted.values())
     store = IndexStore.open(index_dir)
     try:
         assert check_index(store) == []  # what was committed is whole
@@ -197,7 +201,7 @@ def test_a_watch_follows_every_change_survives_kill_9_and_resumes_polling(tmp_pa
     process = _start(folder, index_dir, logs, "--poll", "0.3", "--commit-every", "2")
     try:
         assert "polling every 0.3 s" in (logs / "err").read_text()
-        assert len(_catalog(index_dir)) == 15
+        assert len(_catalog(index_dir)) == 4 + BATCH - 1
         _image(folder / "late.jpg", 200)
         (folder / "img00.jpg").rename(folder / "img00-renamed.jpg")
         _wait(lambda: {"late.jpg", "img00-renamed.jpg"} <= set(_catalog(index_dir)), "changes seen by polling", logs)
@@ -206,7 +210,7 @@ def test_a_watch_follows_every_change_survives_kill_9_and_resumes_polling(tmp_pa
         process.kill()
         raise
     out = _stop(process, logs)
-    assert out.splitlines()[-1].endswith(f"16 images in {index_dir}")
+    assert out.splitlines()[-1].endswith(f"{4 + BATCH} images in {index_dir}")
     _assert_complete_and_exact(index_dir, folder, tmp_path)
 
 
