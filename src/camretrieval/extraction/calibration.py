@@ -10,7 +10,7 @@ synthetic 4:3 image at the extraction size for each candidate (batch size x memo
 fastest again in a second round (a shared machine's load drifts: a second, interleaved look keeps one unlucky
 measurement from deciding), keeps the fastest, and caches the result per (backbone, feature layer, size, device, precision,
 torch threads, cores, torch version) in a JSON file (``$CAMRETRIEVAL_CACHE`` or ``~/.cache/camretrieval``), so a
-machine pays it once: about 20-40 s on a 2-core CPU.
+machine pays it once: about a minute on a 2-core CPU.
 
 The describer uses the calibrated batch size, layout and processes whenever it is not given a batch size
 (:meth:`camretrieval.extraction.describer.Describer.iterate_files`); ``benchmarks/extraction_cost.py`` measures
