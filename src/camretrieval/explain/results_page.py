@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
-from camretrieval.constants import DEFAULT_ONLINE_TOP
 from camretrieval.errors import CamRetrievalError
 from camretrieval.explain.matches import explain_match, query_overlay, result_overlay
 from camretrieval.extraction.images import load_image
@@ -52,7 +51,7 @@ class QueryResults:
 def describe_refinement(options: SearchOptions, n_classes: int) -> str:
     """The query-time refinement of ``options`` in words, e.g. "online aggregation (N_c = 8), then re-ranking of the
     top 100 with CAM regions (N_re = 6)"."""
-    top = DEFAULT_ONLINE_TOP if options.online_top is None else options.online_top
+    top = options.online_top_or_default
     steps = [
         f"online aggregation (N_c = {options.online_n_classes(n_classes)}"
         + (", unwhitened" if not options.online_whitening else "")

@@ -88,9 +88,14 @@ class SearchOptions:
     def needs_maps(self) -> bool:
         return self.online or self.rerank > 0
 
+    @property
+    def online_top_or_default(self) -> int:
+        """``online_top``, or :data:`DEFAULT_ONLINE_TOP` when not given (0: every image)."""
+        return DEFAULT_ONLINE_TOP if self.online_top is None else self.online_top
+
     def online_limit(self, n_images: int) -> int:
         """How many of the OfA ranking's first images online aggregation re-aggregates in a database of ``n_images``."""
-        top = DEFAULT_ONLINE_TOP if self.online_top is None else self.online_top
+        top = self.online_top_or_default
         return n_images if top == 0 else min(top, n_images)
 
     def online_n_classes(self, n_classes: int) -> int:
