@@ -10,6 +10,8 @@ import torch
 from camretrieval import Describer, Index, PCAWhitening
 from camretrieval.cli.info import index_info, info_text
 from camretrieval.errors import CamRetrievalError
+from camretrieval.method.aggregation import aggregate
+from camretrieval.method.cell_major import online_class_vectors
 from camretrieval.search.online import online_descriptors
 from camretrieval.search.refinement import QueryDescription, SearchOptions
 from camretrieval.search.reranking import region_scores
@@ -188,6 +190,56 @@ def test_online_aggregation_and_reranking_read_both_formats_alike(tmp_path):
     assert np.array_equal(online[0], online[1])
     assert np.array_equal(regions[0].scores, regions[1].scores) and regions[0].boxes == regions[1].boxes
     assert np.array_equal(online_descriptors(gathered, np.arange(6), classes, weight, whitening, batch_size=2), online[0])
+
+
+@pytest.mark.parametrize("maps_format", [1, 2])
+def test_sparse_batches_hold_each_images_values_at_its_block_of_the_matrix(tmp_path, maps_format):
+    """MapStore.sparse_batches: image b's maps X_b (cells x K) are the block (b*K.., b*n..) of the matrix, transposed,
+    every other value 0; the counts of Eq. 2 as written out. A mostly non-zero layer (stored as a dense block) and
+    odd float16 values (negative, -0.0, NaN) included."""
+    rng = np.random.default_rng(5)
+    images = random_images(rng, [(3, 4), (2, 2), (3, 4), (3, 4)], channels=24)
+    dense_layer = np.abs(rng.normal(size=(24, 3, 4))).astype(np.float16) + np.float16(0.5)  # no zero at all
+    dense_layer[0, 0, :] = ODD_VALUES[:4]
+    images[2] = (dense_layer, None)
+    store = write_store(tmp_path / "store", images, maps_format)
+    seen = []
+    for batch_images, maps in store.sparse_batches(np.arange(len(images)), max_batch=2):
+        matrix = maps.channel_rows.toarray()
+        cells, channels = maps.height * maps.width, maps.channels
+        assert matrix.shape == (len(batch_images) * channels, len(batch_images) * cells) and matrix.dtype == np.float32
+        for row, number in enumerate(batch_images.tolist()):
+            features = images[number][0].reshape(channels, -1).astype(np.float32)  # X_b^T: K x n
+            block = matrix[row * channels : (row + 1) * channels]
+            assert np.array_equal(block[:, row * cells : (row + 1) * cells], features, equal_nan=True)
+            assert not np.delete(block, np.s_[row * cells : (row + 1) * cells], axis=1).any()
+            assert maps.positives[row].tolist() == plain_positives(images[number][0].reshape(channels, -1).T).tolist()
+        seen += batch_images.tolist()
+    assert sorted(seen) == list(range(len(images)))
+
+
+def test_online_aggregation_reads_sparse_maps_as_it_reads_dense_ones(tmp_path):
+    """On the CPU with one layer, OnA reads the maps sparse: the descriptors of the dense matrix products, up to the
+    order of float32 sums; a store with a separate CAM layer is read dense."""
+    rng = np.random.default_rng(6)
+    images = random_images(rng, [(4, 5), (5, 4), (4, 5), (4, 5), (3, 3), (4, 5), (1, 1)], channels=64)
+    store = write_store(tmp_path / "one", images, 2)
+    weight = torch.randn(20, 64)
+    whitening = PCAWhitening(16).fit(np.abs(rng.normal(size=(200, 64))))
+    classes = torch.tensor([3, 1, 4, 15, 9])
+    order = np.array([6, 0, 5, 2, 1, 4, 3])
+    for used in (whitening, None):
+        dense = np.zeros((len(images), 16 if used else 64), dtype=np.float32)
+        for batch in store.batches(order, 16):
+            vectors = online_class_vectors(batch.features, batch.cam_activations, weight, classes, batch.positives)
+            dense[batch.images] = aggregate(vectors, used).numpy()
+        sparse = online_descriptors(store, order, classes, weight, used, batch_size=3)
+        assert sparse == pytest.approx(dense[order], abs=1e-6)
+    separate = write_store(tmp_path / "two", random_images(rng, [(4, 5)] * 3, channels=64, cam_channels=32), 2, True)
+    assert not separate.sparse_readable
+    with pytest.raises(CamRetrievalError, match="CAM layer"):
+        next(separate.sparse_batches([0], 2))
+    assert online_descriptors(separate, [2, 0], classes, torch.randn(20, 32), None).shape == (2, 64)
 
 
 def test_a_damaged_block_is_a_clear_error_and_check_finds_a_truncated_file(tmp_path):

@@ -178,23 +178,31 @@ def decode_block(buffer: np.ndarray | bytes, offset: int, height: int, width: in
     return DecodedBlock(header, bits, positions)
 
 
+def is_positive(bits: np.ndarray) -> np.ndarray:
+    """Which float16 bit patterns are positive numbers (not 0, -0.0, negative or NaN): what Eq. 2 counts."""
+    return (bits > 0) & (bits <= _POSITIVE_INFINITY)
+
+
 def decode_into(block: DecodedBlock, out: np.ndarray) -> np.ndarray:
     """Write a decoded block's maps into ``out`` (cells x K, float32 or float16, cell-major) and return the number
     of cells where each channel is positive (K, int32: Eq. 2's count, from the stored values)."""
     cells, channels = out.shape
     if block.positions is None:
         out[...] = block.bits.view(np.float16).reshape(cells, channels)
-        positive = (block.bits > 0) & (block.bits <= _POSITIVE_INFINITY)
-        return np.count_nonzero(positive.reshape(cells, channels), axis=0).astype(np.int32)
+        return np.count_nonzero(is_positive(block.bits).reshape(cells, channels), axis=0).astype(np.int32)
     if not out.flags.c_contiguous:
         raise CamRetrievalError("decode_into writes into a contiguous array")
-    # Positions are channel-major and increasing: each channel's values are one run, found by binary search.
-    per_channel = np.diff(np.searchsorted(block.positions, np.arange(channels + 1, dtype=np.int64) * cells))
-    channel = np.repeat(np.arange(channels, dtype=np.int64), per_channel)
-    flat = (block.positions - channel * cells) * channels + channel  # cell-major index: cell * K + channel
+    channel = block.positions // cells
     out.fill(0)
-    out.reshape(-1)[flat] = block.bits.view(np.float16).astype(out.dtype)
-    not_positive = (block.bits == 0) | (block.bits > _POSITIVE_INFINITY)  # negative, -0.0 or NaN: rare
-    if not_positive.any():
-        per_channel = per_channel - np.bincount(channel[not_positive], minlength=channels)
-    return per_channel.astype(np.int32)
+    out.reshape(-1)[(block.positions - channel * cells) * channels + channel] = block.bits.view(np.float16).astype(out.dtype)
+    return np.bincount(channel[is_positive(block.bits)], minlength=channels).astype(np.int32)
+
+
+def channel_major(block: DecodedBlock, cells: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """A decoded block's non-zero values as (flat positions in the channel-major K x cells array, increasing; their
+    float16 bit patterns): what sparse online aggregation reads, without writing out the zeros."""
+    if block.positions is not None:
+        return block.positions, block.bits
+    by_channel = np.ascontiguousarray(block.bits.reshape(cells, channels).T).reshape(-1)  # a dense block
+    positions = np.flatnonzero(by_channel)
+    return positions, by_channel[positions]

@@ -42,8 +42,18 @@ import numpy as np
 import torch
 
 from camretrieval.errors import CamRetrievalError
+from camretrieval.method.cell_major import SparseCellMaps
 from camretrieval.storage.files import fsync_directory, write_atomically
-from camretrieval.storage.map_codec import MapsDamagedError, decode_block, decode_into, encode_block, read_header
+from camretrieval.storage.map_codec import (
+    DecodedBlock,
+    MapsDamagedError,
+    channel_major,
+    decode_block,
+    decode_into,
+    encode_block,
+    is_positive,
+    read_header,
+)
 
 MAPS_FORMAT = 2  # what is written
 MAPS_DTYPE = np.dtype("<f2")
@@ -149,6 +159,11 @@ class DenseCells:
         out[...] = self.float16(start, height, width)
         return count_positives(out)
 
+    def channel_major(self, start: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """The image's non-zero values (:func:`~camretrieval.storage.map_codec.channel_major`)."""
+        bits = np.ascontiguousarray(self.float16(start, height, width)).reshape(-1).view(np.uint16)
+        return channel_major(DecodedBlock(None, bits, None), height * width, self.channels)
+
 
 class BlockCells:
     """Format 2: a shard's blocks file (memory-mapped bytes); an image is the block at byte ``start``."""
@@ -191,6 +206,9 @@ class BlockCells:
 
     def read_into(self, start: int, height: int, width: int, out: np.ndarray) -> np.ndarray:
         return decode_into(self._decode(start, height, width), out)
+
+    def channel_major(self, start: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        return channel_major(self._decode(start, height, width), height * width, self.channels)
 
 
 @dataclass
@@ -290,6 +308,35 @@ class RaggedMaps:
         """The maps of images that all have the same H x W, as one float32 tensor B x H x W x K (cell-major)."""
         return self.load_with_positives(images, device)[0]
 
+    def load_sparse(self, images: Sequence[int] | np.ndarray) -> SparseCellMaps:
+        """The maps of a same-shape group as one block-diagonal sparse matrix (:class:`SparseCellMaps`), on the CPU:
+        only the non-zero values are written out."""
+        from scipy.sparse import csr_array  # here: a plain search does not pay for importing SciPy
+
+        images = np.asarray(images, dtype=np.int64)
+        height, width = self._group_shape(images)
+        cells, channels = height * width, self.channels
+        found = [self.parts[int(self.part[image])].channel_major(int(self.table[image, 0]), height, width)
+                 for image in images.tolist()]
+        # Image b's value at channel k, cell i sits at row b*K + k, column b*n + i of the block-diagonal matrix.
+        sizes = np.array([len(found_bits) for _, found_bits in found], dtype=np.int64)
+        ends = np.cumsum(sizes)
+        columns = np.empty(int(ends[-1]), dtype=np.int32)
+        bits = np.empty(int(ends[-1]), dtype=np.uint16)
+        per_row = np.empty((len(images), channels), dtype=np.int64)
+        positives = np.empty((len(images), channels), dtype=np.int32)
+        for row, ((positions, image_bits), end, size) in enumerate(zip(found, ends.tolist(), sizes.tolist())):
+            channel = positions // cells
+            columns[end - size : end] = positions - channel * cells + row * cells
+            bits[end - size : end] = image_bits
+            per_row[row] = np.bincount(channel, minlength=channels)
+            positives[row] = np.bincount(channel[is_positive(image_bits)], minlength=channels)
+        row_starts = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)  # as the columns: no copy
+        values = bits.view(np.float16).astype(np.float32)
+        matrix = csr_array((values, columns, row_starts), shape=(len(images) * channels, len(images) * cells))
+        positives = torch.from_numpy(positives)
+        return SparseCellMaps(matrix, height, width, positives)
+
 
 @dataclass
 class LoadedMaps:
@@ -377,16 +424,19 @@ class MapStore:
         """The maps of ``images``, decoded in same-shape batches of at most ``max_batch`` (:meth:`shape_groups`):
         the next batch is decoded on a second thread while the caller computes with this one (zstd and NumPy
         release the GIL), so that decoding costs little more than the arithmetic."""
+        yield from _prefetched(self.shape_groups(images, max_batch), lambda group: self.load_batch(group, device))
+
+    @property
+    def sparse_readable(self) -> bool:
+        """Whether :meth:`sparse_batches` serves this store: the CAM layer is the feature layer (A = X)."""
+        return self.cam_activations is None
+
+    def sparse_batches(self, images: Sequence[int] | np.ndarray, max_batch: int) -> Iterator[tuple[np.ndarray, SparseCellMaps]]:
+        """(images, their maps as :class:`SparseCellMaps`) in same-shape batches, decoded ahead as :meth:`batches`."""
+        if not self.sparse_readable:
+            raise CamRetrievalError("sparse maps are read only where the CAM layer is the feature layer")
         groups = self.shape_groups(images, max_batch)
-        if not groups:
-            return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="camretrieval-decode") as pool:
-            pending = pool.submit(self.load_batch, groups[0], device)
-            for following in groups[1:] + [None]:
-                loaded = pending.result()
-                if following is not None:
-                    pending = pool.submit(self.load_batch, following, device)
-                yield loaded
+        yield from zip(groups, _prefetched(groups, self.features.load_sparse))
 
     @property
     def formats(self) -> set[int]:
@@ -431,6 +481,19 @@ class MapStore:
                 f"the stored maps in {directory} describe {len(store)} images, the index {count}: rebuild the index"
             )
         return store
+
+
+def _prefetched(groups: list[np.ndarray], load) -> Iterator:
+    """``load(group)`` of each group in order, the next one computed on a second thread while the caller works."""
+    if not groups:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="camretrieval-decode") as pool:
+        pending = pool.submit(load, groups[0])
+        for following in groups[1:] + [None]:
+            loaded = pending.result()
+            if following is not None:
+                pending = pool.submit(load, following)
+            yield loaded
 
 
 def stored_cells(maps: torch.Tensor) -> np.ndarray:
