@@ -22,9 +22,9 @@ from camretrieval.extraction.images import load_image
 from camretrieval.method.cell_major import cropped_region_class_vectors
 from camretrieval.method.pooling import channel_weights, channel_weights_from_fractions
 from camretrieval.search import refinement as refinement_module
-from camretrieval.search.expansion import expanded_query, expansion_weights
+from camretrieval.search.expansion import expanded_query, expansion_weights, reciprocal_neighbours
 from camretrieval.search.online import online_descriptors
-from camretrieval.search.refinement import SearchOptions
+from camretrieval.search.refinement import Ranking, Refinement, SearchOptions
 from camretrieval.search.reranking import region_scores
 from camretrieval.storage.catalog import IndexStore
 from camretrieval.storage.map_codec import read_header
@@ -288,6 +288,51 @@ def test_query_expansion_is_its_formula(tiny, index):
             everything[i] = region @ new_query
         assert expanded.scores == pytest.approx(everything[expanded.ids], abs=1e-6)
         assert list(expanded.ids) == list(np.argsort(-everything, kind="stable"))
+
+
+def test_reciprocal_neighbours_is_its_definition():
+    """Result i passes the gate when q . d_i is at least the k-th largest of d_i's similarities (ties pass)."""
+    around = np.array([[0.9, 0.5, 0.1, -np.inf], [0.9, 0.5, 0.1, 0.3], [0.2, -np.inf, -np.inf, -np.inf]])
+    query = np.array([0.5, 0.49, -1.0])
+    assert reciprocal_neighbours(query, around, 1).tolist() == [False, False, False]
+    assert reciprocal_neighbours(query, around, 2).tolist() == [True, False, True]  # row 3: fewer than 2 candidates
+    assert reciprocal_neighbours(query, around, 3).tolist() == [True, True, True]
+    with pytest.raises(CamRetrievalError, match="at least 1"):
+        reciprocal_neighbours(query, around, 0)
+
+
+def test_gated_expansion_expands_with_the_reciprocal_results_only():
+    """Refinement.expand(gate=k) against the gate written out with loops, on random descriptors in near-duplicate
+    pairs: the expanded query is QE over the results that pass; when none passes, the ranking is the first one."""
+    rng = np.random.default_rng(4)
+    images = rng.normal(size=(20, 8))
+    descriptors = np.concatenate([images, images + 0.05 * rng.normal(size=(20, 8))]).astype(np.float32)
+    descriptors /= np.linalg.norm(descriptors, axis=1, keepdims=True)
+    refinement = Refinement(descriptors, None, 64, None, None)
+    kinds = set()
+    for q, k in [(q, k) for q in range(10) for k in (1, 3, 6)]:
+        query = descriptors[q] + 0.4 * rng.normal(size=8).astype(np.float32)
+        query /= np.linalg.norm(query)
+        excluded = [q]
+        scores = descriptors @ query
+        ids = np.array([i for i in np.argsort(-scores.astype(np.float64), kind="stable") if i not in excluded])
+        first = Ranking(ids, scores[ids], descriptors, query=query)
+        top = 5
+        passed = []
+        for i in ids[:top].tolist():
+            others = sorted((float(descriptors[i] @ descriptors[j]) for j in ids.tolist() if j != i), reverse=True)
+            passed.append(float(scores[i]) >= others[k - 1])
+        kinds.add((any(passed), all(passed)))
+        gated = refinement.expand(first, top, 0.0, gate=k)
+        if not any(passed):
+            assert gated is first
+            continue
+        expected = expanded_query(query, descriptors[ids[:top][passed]])
+        again = descriptors @ expected
+        again[excluded] = -np.inf
+        assert list(gated.ids) == [i for i in np.argsort(-again.astype(np.float64), kind="stable") if i not in excluded]
+        assert gated.scores == pytest.approx(again[gated.ids], abs=1e-6)
+    assert kinds >= {(True, False), (False, False)}  # some queries partly gated, some not expanded at all
 
 
 def test_a_candidate_without_a_usable_region_is_scored_by_its_whole_image(tiny, index):

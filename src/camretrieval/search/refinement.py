@@ -22,7 +22,7 @@ from camretrieval.extraction.backbones import Backbone
 from camretrieval.method.aggregation import aggregate
 from camretrieval.method.cell_major import DEFAULT_RERANK_CLASSES
 from camretrieval.method.whitening import PCAWhitening
-from camretrieval.search.expansion import expanded_query
+from camretrieval.search.expansion import expanded_query, reciprocal_neighbours
 from camretrieval.search.online import online_descriptors
 from camretrieval.search.reranking import region_scores, rerank_order
 from camretrieval.storage.maps import MapStore, require_maps
@@ -140,11 +140,13 @@ class Ranking:
         return rows
 
     def similarities(self, query: np.ndarray) -> np.ndarray:
-        """Every database image's similarity with ``query`` under this ranking's descriptors (N,)."""
-        scores = self.base @ np.asarray(query, dtype=np.float32)
+        """Every database image's similarity with ``query`` (dim,) under this ranking's descriptors (N,); with
+        several queries (M x dim), M x N."""
+        queries = np.asarray(query, dtype=np.float32)
+        scores = queries @ self.base.T if queries.ndim == 2 else self.base @ queries
         if self.overrides:
             ids = np.fromiter(self.overrides, dtype=np.int64)
-            scores[ids] = np.stack([self.overrides[i] for i in ids.tolist()]) @ query
+            scores[..., ids] = queries @ np.stack([self.overrides[i] for i in ids.tolist()]).T
         return scores
 
 
@@ -262,19 +264,29 @@ class Refinement:
             query=ranking.query,
         )
 
-    def expand(self, ranking: Ranking, top: int, alpha: float = 0.0) -> Ranking:
+    def expand(self, ranking: Ranking, top: int, alpha: float = 0.0, gate: int = 0) -> Ranking:
         """Query expansion (METHOD.md section 5, :mod:`camretrieval.search.expansion`): the ranking's query plus its first
         ``top`` (K, clipped) results, each as the descriptor it was ranked with (a re-ranked image's best region),
         weighted by similarity^``alpha`` (0: average QE); the database searched again with that query under the
-        same descriptors. Images left out of ``ranking`` stay out."""
+        same descriptors. ``gate`` k > 0: only the results that are k-reciprocal neighbours of the query
+        (:func:`~camretrieval.search.expansion.reciprocal_neighbours`, among the ranked images); none of them, the
+        ranking is returned as it is. Images left out of ``ranking`` stay out."""
         if ranking.query is None:
             raise CamRetrievalError("query expansion needs the ranking's query descriptor")
         top = min(top, len(ranking.ids))
         if top == 0:
             return ranking
-        query = expanded_query(ranking.query, ranking.descriptors(ranking.ids[:top]), alpha)
-        scores = ranking.similarities(query)
         allowed = np.zeros(len(self.descriptors), dtype=bool)
         allowed[ranking.ids] = True
+        neighbours = ranking.descriptors(ranking.ids[:top])
+        if gate:
+            around = ranking.similarities(neighbours)
+            around[:, ~allowed] = -np.inf
+            around[np.arange(top), ranking.ids[:top]] = -np.inf  # not its own neighbour
+            neighbours = neighbours[reciprocal_neighbours(ranking.scores[:top], around, gate)]
+            if len(neighbours) == 0:
+                return ranking
+        query = expanded_query(ranking.query, neighbours, alpha)
+        scores = ranking.similarities(query)
         ids = self._order(scores, allowed)
         return Ranking(ids, scores[ids], ranking.base, dict(ranking.overrides), query=query)
