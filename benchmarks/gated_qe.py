@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from camretrieval import Describer, fit_whitening, load_backbone
 from camretrieval.search.refinement import Ranking, Refinement, SearchOptions
@@ -104,6 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     args.backbone, args.size, args.distractors = "efficientnet_lite0", 448, None
     args.workdir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)  # small products: two threads beside another job are many times slower (refinement.py)
     rows = table("eth80-dev OfA", *eth80_rankings(args))
     refinement, stages, labels, query_ids = clutter_rankings(args)
     for name, rankings in stages.items():

@@ -209,6 +209,32 @@ def test_eval_errors_name_the_problem(collection, tmp_path):
     assert missing.returncode == 2 and "gnd_roxford5k.pkl" in missing.stderr
 
 
+def test_tables_scales_make_every_row_multiscale_as_eval_does(collection, tmp_path):
+    """tables --scales: its unwhitened rows are what eval --scales gives for the same pooling."""
+    _, database, _, _ = collection
+    images = _labelled_folder(database, tmp_path / "labelled")
+    pca_images = tmp_path / "pca"
+    shutil.copytree(database / "cow1", pca_images / "cow1")  # the whitened rows are not compared here
+    output = tmp_path / "tables.md"
+    result = camretrieval(
+        "tables", "--images", str(images), "--pca-images", str(pca_images), "--size", str(SIZE), "--dim", "8",
+        "--scales", "1,0.5", "--compare-backbones", "--output", str(output), "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    text = output.read_text()
+    assert f"size {SIZE}, scales 1,0.5." in text
+    cells = {line[2:].split(" | ")[0]: line[2:].split(" | ")[1] for line in text.splitlines() if line.startswith("| ")}
+
+    def eval_map(pooling: str, scales: str) -> str:
+        run = camretrieval("eval", "--images", str(images), "--pooling", pooling, "--size", str(SIZE), "--scales",
+                           scales, "--json", "--quiet")
+        assert run.returncode == 0, run.stderr
+        return f"{json.loads(run.stdout)['map']:.3f}"
+
+    assert eval_map("sum", "1,0.5") == cells["Raw"] and eval_map("crow", "1,0.5") == cells["Raw + CroW"]
+    assert eval_map("sum", "1") != cells["Raw"]  # the scales changed the descriptors
+
+
 def test_tables_command_gives_every_row_of_tables_1a_1b_2(collection, tmp_path):
     root, database, _, _ = collection
     images = _labelled_folder(database, tmp_path / "labelled")

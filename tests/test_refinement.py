@@ -279,7 +279,7 @@ def test_query_expansion_is_its_formula(tiny, index):
     query = index.describe_query(query_path, box, SearchOptions(rerank=1))
     first = index.rank(query, SearchOptions(rerank=3))
     for k, a in [(2, 0.0), (5, 3.0)]:
-        expanded = index.rank(query, SearchOptions(rerank=3, qe=k, qe_alpha=a))
+        expanded = index.rank(query, SearchOptions(rerank=3, qe=k, qe_alpha=a, qe_gate=0))  # the paper's QE: all K
         neighbours = first.descriptors(first.ids[:k])
         assert np.array_equal(neighbours[0], first.overrides[int(first.ids[0])])  # a re-ranked one: its best region
         new_query = expanded_query(first.query, neighbours, a)
@@ -402,6 +402,8 @@ def test_search_flags_through_the_cli(tiny, index, capsys):
         ("--refine",): SearchOptions.refine(),
         ("--online", "--online-unwhitened", "--online-top", "0"): SearchOptions(online=True, online_whitening=False, online_top=0),
         ("--rerank", "5", "--qe", "3", "--qe-alpha", "3"): SearchOptions(rerank=5, qe=3, qe_alpha=3.0),
+        ("--qe", "3", "--qe-gate", "2"): SearchOptions(qe=3, qe_gate=2),
+        ("--qe", "3", "--qe-gate", "0"): SearchOptions(qe=3, qe_gate=0),
     }
     for extra, options in flags.items():
         assert main(base + list(extra)) == 0, extra
@@ -411,6 +413,6 @@ def test_search_flags_through_the_cli(tiny, index, capsys):
         assert [h["score"] for h in hits] == pytest.approx(expected.scores.tolist(), abs=1e-5), extra
     for bad in [["--qe-alpha", "2"], ["--online-top", "3"], ["--rerank", "-1"], ["--online", "--online-classes", "0"],
                 ["--refine", "--qe", "2"], ["--refine", "--online"], ["--online-unwhitened"],
-                ["--online", "--online-unwhitened", "--rerank", "3"]]:
+                ["--online", "--online-unwhitened", "--rerank", "3"], ["--qe-gate", "3"], ["--qe", "2", "--qe-gate", "-1"]]:
         assert main(base + bad) == 2, bad
         assert "error" in capsys.readouterr().err

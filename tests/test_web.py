@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from camretrieval.cli import main
+from camretrieval.constants import DEFAULT_QE_GATE
 from camretrieval.evaluation.metrics import mean_interpolated_precision, precision_recall
 from camretrieval.evaluation.report import draw_outlined_box, metric_name
 from camretrieval.search import Index, SearchOptions
@@ -179,7 +180,8 @@ def test_search_by_path_and_upload_is_the_cli_search(server, collection):
     assert [sorted(entry) for entry in by_path] == [["box", "query", "query_id", "refinement", "results", "seconds"]]
     assert by_path[0]["query"] == relative and by_path[0]["query_id"] is None
     assert by_path[0]["refinement"] == {
-        "refine": False, "online": False, "online_classes": None, "online_whitening": True, "rerank": 0, "rerank_classes": SearchOptions().rerank_classes, "qe": 0, "qe_alpha": 0.0
+        "refine": False, "online": False, "online_classes": None, "online_whitening": True, "rerank": 0, "rerank_classes": SearchOptions().rerank_classes, "qe": 0, "qe_alpha": 0.0,
+        "qe_gate": 0,
     }
     hits = by_path[0]["results"]
     assert all(sorted(hit) == ["path", "score"] for hit in hits)
@@ -209,21 +211,24 @@ def test_search_options_are_the_index_options(server, collection):
     assert [h["path"] for h in result[0]["results"]] == [h.path for h in expected]
     assert [h["score"] for h in result[0]["results"]] == pytest.approx([h.score for h in expected], abs=1e-4)
     assert result[0]["refinement"] == {"refine": False, "online": True, "online_classes": None, "online_whitening": True, "rerank": 5, "rerank_classes": 6,
-                                       "qe": 2, "qe_alpha": 0.0}
+                                       "qe": 2, "qe_alpha": 0.0, "qe_gate": DEFAULT_QE_GATE}
     # R and K past the index's 13 images are clipped to it, and the answer says what was applied.
     status, result = search(
-        server, {"path": query.relative_to(images).as_posix(), "top": "3", "rerank": "100", "qe": "50", "qe_alpha": "3"}
+        server, {"path": query.relative_to(images).as_posix(), "top": "3", "rerank": "100", "qe": "50", "qe_alpha": "3",
+                 "qe_gate": "4"}
     )
     assert status == 200
     assert result[0]["refinement"] == {"refine": False, "online": False, "online_classes": None, "online_whitening": True, "rerank": 13,
-                                       "rerank_classes": 6, "qe": 13, "qe_alpha": 3.0}
+                                       "rerank_classes": 6, "qe": 13, "qe_alpha": 3.0, "qe_gate": 4}
+    gated = Index.open(index_dir).search([query], top=3, options=SearchOptions(rerank=100, qe=50, qe_alpha=3.0, qe_gate=4))[0]
+    assert [h["path"] for h in result[0]["results"]] == [h.path for h in gated]
     # refine: the measured best, as search --refine; alone
     refined = Index.open(index_dir).search([query], top=6, options=SearchOptions.refine())[0]
     status, result = search(server, {"path": query.relative_to(images).as_posix(), "top": "6", "refine": "true"})
     assert status == 200
     assert [h["path"] for h in result[0]["results"]] == [h.path for h in refined]
     assert result[0]["refinement"] == {"refine": True, "online": True, "online_classes": 8, "online_whitening": False,
-                                       "rerank": 0, "rerank_classes": 6, "qe": 0, "qe_alpha": 0.0}
+                                       "rerank": 0, "rerank_classes": 6, "qe": 0, "qe_alpha": 0.0, "qe_gate": 0}
     status, error = search(server, {"path": query.relative_to(images).as_posix(), "refine": "true", "qe": "2"})
     assert status == 400 and "refine" in str(error)
 

@@ -38,6 +38,10 @@ DEFAULT_ONLINE_TOP = 1000
 # search --refine: online aggregation over the query's top 8 classes, unwhitened (docs/refinement.md "The measured
 # best": .366 mAP on clutter-dev's box queries against .305 whitened, measured by benchmarks/refinement.py).
 REFINE_ONLINE_CLASSES = 8
+# search --qe K expands only with the results that are 5-reciprocal neighbours of the query (benchmarks/gated_qe.py,
+# docs/refinement.md "QE that knows when to help": QE2 gated .771 against .743 on ETH-80 objects, and on clutter-dev's
+# box queries never below the first ranking, where plain QE2 costs up to .045).
+DEFAULT_QE_GATE = 5
 DEFAULT_RERANK_CLASSES = 6  # N_re of the paper: the query classes a candidate's regions are described with
 DEFAULT_TOP = 64  # learn-classes N: classes counted per example image (the descriptor's default N_c)
 DEFAULT_LENGTH = 64  # learn-classes L: classes kept

@@ -454,11 +454,12 @@ def run_tables(args: argparse.Namespace) -> int:
     sections = [
         f"Tables on {dataset.name} ({len(dataset.images)} images, {len(dataset.queries)} queries), PCA-whitening "
         f"({args.dim}-d, N_pca = {args.npca}) learned on {args.pca_images.name} ({len(pca_paths)} images), "
-        f"size {args.size}.\n"
+        f"size {args.size}" + (f", scales {','.join(f'{s:g}' for s in args.scales)}" if len(args.scales) > 1 else "")
+        + ".\n"
     ]
 
     def run(backbone: Backbone, variants: list[Variant]) -> list:
-        describer = Describer(backbone, args.size, device=args.device)
+        describer = Describer(backbone, args.size, device=args.device, scales=args.scales)
         whitenings = fit_variant_whitenings(
             describer, variants, pca_paths, args.pca_images, args.dim, args.npca, batch_size=args.batch_size,
             workers=args.workers, progress=progress,

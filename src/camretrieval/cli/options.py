@@ -21,6 +21,7 @@ from camretrieval.constants import (
     DEFAULT_NPCA,
     DEFAULT_ONLINE_TOP,
     DEFAULT_POOLING,
+    DEFAULT_QE_GATE,
     DEFAULT_RAY_WORKERS,
     DEFAULT_RERANK_CLASSES,
     DEFAULT_SIZE,
@@ -455,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--qe-alpha", type=non_negative_number, metavar="A",
         help="alpha-QE: weight the K results by similarity^A (default: average QE)",
     )
+    refine.add_argument(
+        "--qe-gate", type=count(0), metavar="k",
+        help="with --qe: expand only with those of the K results that are k-reciprocal neighbours of the query, so "
+        f"that QE helps where the first results are right and stays out where they are not (docs/refinement.md; "
+        f"default: {DEFAULT_QE_GATE}; 0: every one of the K, the paper's QE)",
+    )
 
     evaluation = command(
         "eval",
@@ -493,6 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_whitening_size_options(tables, when=None)
     tables.add_argument("--size", type=count(1), default=DEFAULT_SIZE, metavar="PX", help="shorter image side in pixels")
+    tables.add_argument(
+        "--scales", type=scales_text, default=(1.0,), metavar="S,S,...",
+        help="every row multi-scale: each image also described at these factors of --size, e.g. 1,0.707,0.5 "
+        "(docs/method.md; default: 1, single-scale)",
+    )
     tables.add_argument("--backbone", choices=BACKBONE_NAMES, default=DEFAULT_BACKBONE, help="ImageNet classifier")
     tables.add_argument(
         "--compare-backbones", nargs="*", choices=BACKBONE_NAMES, default=list(BACKBONE_NAMES), metavar="NAME",

@@ -66,6 +66,8 @@ def _queries(args: argparse.Namespace) -> list[tuple[str, Box | None]]:
         raise CamRetrievalError("no queries: give QUERY paths or --queries FILE")
     if args.qe_alpha is not None and not args.qe:
         raise CamRetrievalError("--qe-alpha goes with --qe K")
+    if args.qe_gate is not None and not args.qe:
+        raise CamRetrievalError("--qe-gate goes with --qe K")
     if args.online_top is not None and not args.online:
         raise CamRetrievalError("--online-top goes with --online")
     if args.online_classes is not None and not args.online:
@@ -96,6 +98,7 @@ def run_search(args: argparse.Namespace) -> int:
         rerank_classes=args.rerank_classes,
         qe=args.qe,
         qe_alpha=args.qe_alpha or 0.0,
+        qe_gate=args.qe_gate,
     )
     index = Index.open(args.index_dir, device=args.device, exact=args.exact)
     if options.needs_maps:  # one clear error, not one per query

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from camretrieval.constants import DEFAULT_ONLINE_TOP, REFINE_ONLINE_CLASSES
+from camretrieval.constants import DEFAULT_ONLINE_TOP, DEFAULT_QE_GATE, REFINE_ONLINE_CLASSES
 from camretrieval.errors import CamRetrievalError
 from camretrieval.extraction.backbones import Backbone
 from camretrieval.method.aggregation import aggregate
@@ -39,7 +39,9 @@ class SearchOptions:
       and summed), the query alike; it ranks in the raw feature space, so re-ranking and QE (which work in the
       whitened one) do not follow it. :meth:`refine` is the measured best for box queries.
     - ``rerank`` R: re-rank the top-R with CAM regions described with the query's top-``rerank_classes`` (N_re).
-    - ``qe`` K: query expansion with the top-K results, ``qe_alpha`` > 0 for alpha-QE (0: average QE).
+    - ``qe`` K: query expansion with the top-K results, ``qe_alpha`` > 0 for alpha-QE (0: average QE), with only
+      those of them that are k-reciprocal neighbours of the query: ``qe_gate`` k (default :data:`DEFAULT_QE_GATE`;
+      0: all K, the paper's QE; :meth:`Refinement.expand`).
 
     R and K larger than the database are clipped to it.
     """
@@ -52,9 +54,10 @@ class SearchOptions:
     rerank_classes: int = DEFAULT_RERANK_CLASSES
     qe: int = 0
     qe_alpha: float = 0.0
+    qe_gate: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("online_top", "rerank", "qe"):
+        for name in ("online_top", "rerank", "qe", "qe_gate"):
             if (getattr(self, name) or 0) < 0:
                 raise CamRetrievalError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
         if self.online_classes is not None and self.online_classes < 1:
@@ -63,6 +66,8 @@ class SearchOptions:
             raise CamRetrievalError(f"rerank_classes must be at least 1, got {self.rerank_classes}")
         if not (self.qe_alpha >= 0 and np.isfinite(self.qe_alpha)):
             raise CamRetrievalError(f"qe_alpha must be a finite power >= 0, got {self.qe_alpha}")
+        if self.qe_gate is not None and not self.qe:
+            raise CamRetrievalError("qe_gate only applies to query expansion (qe=K)")
         if self.online_top is not None and not self.online:
             raise CamRetrievalError("online_top only applies to online aggregation (online=True)")
         if not self.online_whitening and not self.online:
@@ -92,6 +97,14 @@ class SearchOptions:
     def online_top_or_default(self) -> int:
         """``online_top``, or :data:`DEFAULT_ONLINE_TOP` when not given (0: every image)."""
         return DEFAULT_ONLINE_TOP if self.online_top is None else self.online_top
+
+    @property
+    def qe_gate_or_default(self) -> int:
+        """k of the gate on query expansion's results: ``qe_gate``, or :data:`DEFAULT_QE_GATE` when not given
+        (0: none; without ``qe`` 0)."""
+        if not self.qe:
+            return 0
+        return DEFAULT_QE_GATE if self.qe_gate is None else self.qe_gate
 
     def online_limit(self, n_images: int) -> int:
         """How many of the OfA ranking's first images online aggregation re-aggregates in a database of ``n_images``."""
@@ -180,7 +193,7 @@ class Refinement:
         if options.rerank:
             ranking = self.rerank(query, ranking, options.rerank, options.rerank_classes)
         if options.qe:
-            ranking = self.expand(ranking, options.qe, options.qe_alpha)
+            ranking = self.expand(ranking, options.qe, options.qe_alpha, options.qe_gate_or_default)
         return ranking
 
     def _order(self, scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:

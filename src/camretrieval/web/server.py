@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from camretrieval.constants import DEFAULT_QE_GATE
 from camretrieval.errors import CamRetrievalError
 from camretrieval.explain import class_names, explain_match, query_overlay, result_overlay
 from camretrieval.method.regions import Box, BoxError, parse_box
@@ -79,6 +80,7 @@ class RefinementUsed(BaseModel):
     rerank_classes: int = Field(description="N_re: the query's classes that describe each region when re-ranking")
     qe: int = Field(description="query expansion with the top K (0: none; clipped to the index's size)")
     qe_alpha: float = Field(description="alpha-QE power (0: average QE)")
+    qe_gate: int = Field(0, description="k of the reciprocal gate on the K results (0: none)")
 
 
 class SearchResult(BaseModel):
@@ -636,6 +638,10 @@ def create_app(
         rerank: int = Form(0, ge=0, description="re-rank the top R with CAM regions (needs an index with maps)"),
         qe: int = Form(0, ge=0, description="query expansion with the top K"),
         qe_alpha: float = Form(0.0, ge=0, description="alpha-QE power (0: average QE)"),
+        qe_gate: int | None = Form(
+            None, ge=0, description=f"with qe: expand only with the k-reciprocal neighbours among the top K (default "
+            f"{DEFAULT_QE_GATE}; 0: all K)",
+        ),
     ) -> list[dict[str, Any]]:
         if file is not None and (path is not None or query_id is not None):
             raise RequestError(400, "give either an uploaded file, an indexed path or a query_id, not several")
@@ -646,7 +652,9 @@ def create_app(
         parsed_box = _parse_box(box)
         if refine and (online or rerank or qe):
             raise RequestError(400, "refine is a complete refinement: give it alone, or online, rerank and qe instead")
-        options = SearchOptions.refine() if refine else SearchOptions(online=online, rerank=rerank, qe=qe, qe_alpha=qe_alpha)
+        options = SearchOptions.refine() if refine else SearchOptions(
+            online=online, rerank=rerank, qe=qe, qe_alpha=qe_alpha, qe_gate=qe_gate
+        )
 
         indexed = state.images.resolve(path) if path is not None else None
 
@@ -680,6 +688,7 @@ def create_app(
             "rerank_classes": options.rerank_classes,
             "qe": min(options.qe, count),
             "qe_alpha": options.qe_alpha,
+            "qe_gate": options.qe_gate_or_default,
         }
         return [
             {
