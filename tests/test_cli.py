@@ -209,6 +209,36 @@ def test_eval_errors_name_the_problem(collection, tmp_path):
     assert missing.returncode == 2 and "gnd_roxford5k.pkl" in missing.stderr
 
 
+def test_eval_scores_a_refinement_as_the_index_ranks_it(collection, tmp_path):
+    """eval --online --qe 2 (--index kept): the mAP of Index.rank's own rankings, each image a query against the
+    others (itself left out of its ranking and expansion), computed here with the plain AP of the metrics module."""
+    _, database, pca, _ = collection
+    images = _labelled_folder(database, tmp_path / "labelled")
+    kept = tmp_path / "eval-index"
+    result = camretrieval("eval", "--images", str(images), "--pca", str(pca), "--classes", "8", "--online", "--qe", "2",
+                          "--index", str(kept), "--json", "--quiet")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["variant"] == "cam, N_c = 8, OnA + QE2 gate 5"
+    assert record["settings"]["refinement"]["online"] and record["settings"]["refinement"]["qe_gate"] == 5
+    from camretrieval.evaluation.metrics import average_precision
+    from camretrieval.search.refinement import SearchOptions
+
+    index = Index.open(kept)
+    labels = np.array([p.split("/")[0] for p in index.paths])
+    options = SearchOptions(online=True, qe=2)
+    aps = []
+    for i, path in enumerate(index.paths):
+        ranking = index.rank(index.describe_query(images / path, None, options), options, exclude=[i])
+        relevant = labels[ranking.ids] == labels[i]
+        aps.append(average_precision(np.flatnonzero(relevant), int(relevant.sum())))
+    assert record["map"] == pytest.approx(float(np.mean(aps)), abs=1e-6)
+    refused = camretrieval("eval", "--images", str(images), "--pca", str(pca), "--index", str(kept))
+    assert refused.returncode == 2 and "--index keeps the index" in refused.stderr
+    refused = camretrieval("eval", "--images", str(images), "--pca", str(pca), "--refine", "--qe", "2")
+    assert refused.returncode == 2 and "--refine is a complete refinement" in refused.stderr
+
+
 def test_tables_scales_make_every_row_multiscale_as_eval_does(collection, tmp_path):
     """tables --scales: its unwhitened rows are what eval --scales gives for the same pooling."""
     root, database, _, _ = collection

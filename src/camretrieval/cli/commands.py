@@ -8,6 +8,7 @@ what it uses and an argument error answers at once: this module itself imports n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -15,15 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from camretrieval.cli.info import run_info
-from camretrieval.cli.search import read_queries_file, run_search
+from camretrieval.cli.search import read_queries_file, refinement_options, run_search
 from camretrieval.constants import DEFAULT_BACKBONE, DEFAULT_NPCA, DEFAULT_WHITENING_DIM, MIN_COLLECTION_WHITENING
 from camretrieval.errors import CamRetrievalError
 
 if TYPE_CHECKING:  # annotations only
     from camretrieval.evaluation.datasets import RetrievalDataset
-    from camretrieval.extraction.describer import FileFailure
+    from camretrieval.evaluation.runner import Variant, VariantResult
+    from camretrieval.extraction.describer import Describer, FileFailure
     from camretrieval.extraction.settings import ExtractionSettings
     from camretrieval.method.whitening import PCAWhitening
+    from camretrieval.search.refinement import SearchOptions
 
 __all__ = ["COMMANDS", "read_queries_file"]
 
@@ -380,6 +383,52 @@ def _check_whitening_arguments(args: argparse.Namespace) -> None:
         )
 
 
+def _refinement_name(options: "SearchOptions") -> str:
+    """How a table row names the refinement evaluated (nothing for plain search)."""
+    from camretrieval.search.refinement import SearchOptions
+
+    if not options.refined:
+        return ""
+    if options == SearchOptions.refine():
+        return ", --refine"
+    parts = []
+    if options.online:
+        classes = f" N_c = {options.online_classes}" if options.online_classes else ""
+        parts.append(f"OnA{classes}" + ("" if options.online_whitening else " unwhitened"))
+    if options.rerank:
+        parts.append(f"R{options.rerank}")
+    if options.qe:
+        gate = options.qe_gate_or_default
+        parts.append(f"{'alpha-' if options.qe_alpha else ''}QE{options.qe}" + (f" gate {gate}" if gate else ""))
+    return ", " + " + ".join(parts)
+
+
+def _evaluate_refinement(
+    args: argparse.Namespace, dataset: RetrievalDataset, describer: "Describer", whitening: PCAWhitening | None,
+    options: "SearchOptions", variant: "Variant",
+) -> "VariantResult":
+    """Index the dataset's images (into --index DIR, grown or reused, or a temporary folder) and score ``options``
+    through the index's own ranking."""
+    from camretrieval.evaluation.runner import evaluate_refinement
+    from camretrieval.search.index import Index
+
+    settings = describer.settings
+    index, failures = Index.build(
+        dataset.root, whitening, backbone=settings.backbone, weights=settings.weights,
+        feature_layer=settings.feature_layer, size=settings.size, n_classes=settings.n_classes,
+        batch_size=args.batch_size, workers=args.workers, device=args.device, progress=not args.quiet,
+        pooling=settings.pooling, keep_maps=True if options.needs_maps else None, index_dir=args.index,
+        class_list=settings.class_list, scales=settings.scales,
+    )
+    for failure in failures:
+        print(f"{dataset.name}: database image unusable, ranked last: {failure.path}: {failure.reason}", file=sys.stderr)
+    if options.needs_maps:
+        from camretrieval.storage.maps import require_maps
+
+        require_maps(index.maps, "--refine" if args.refine else "--online" if options.online else "--rerank")
+    return evaluate_refinement(index, dataset, options, variant, progress=not args.quiet)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     _check_whitening_arguments(args)
     _check_benchmark_arguments(args)
@@ -394,12 +443,16 @@ def run_eval(args: argparse.Namespace) -> int:
     from camretrieval.extraction.images import find_images
     from camretrieval.method.whitening import PCAWhitening
 
+    options = refinement_options(args)
+    if args.index is not None and not options.refined:
+        raise CamRetrievalError("--index keeps the index that query-time refinement is evaluated on: give it with "
+                                "--refine, --online, --rerank R or --qe K")
     dataset = _load_benchmark(args)
     whitening = PCAWhitening.load(args.pca) if args.pca is not None else None
     settings = _settings(args, whitening, n_classes=args.classes)
     pooling, n_classes = settings.pooling, settings.n_classes
     name = f", class list of {n_classes}" if settings.class_list else f", N_c = {n_classes}"
-    variant = Variant(f"{pooling}" + (name if pooling == "cam" else ""), pooling, n_classes,
+    variant = Variant(f"{pooling}" + (name if pooling == "cam" else "") + _refinement_name(options), pooling, n_classes,
                       whiten=whitening is not None or args.pca_images is not None)
     describer = Describer.from_settings(settings, None, args.device, args.precision)
     whitenings = {pooling: whitening} if whitening is not None else {}
@@ -409,14 +462,19 @@ def run_eval(args: argparse.Namespace) -> int:
             dim=args.dim or DEFAULT_WHITENING_DIM, n_pca=args.npca or DEFAULT_NPCA,
             batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
         )
-    [result] = evaluate_variants(
-        describer, dataset, [variant], whitenings, args.batch_size, args.workers, not args.quiet,
-        keep_similarity=args.report is not None,
-    )
+    if options.refined:
+        result = _evaluate_refinement(args, dataset, describer, whitenings.get(pooling), options, variant)
+    else:
+        [result] = evaluate_variants(
+            describer, dataset, [variant], whitenings, args.batch_size, args.workers, not args.quiet,
+            keep_similarity=args.report is not None,
+        )
     record_settings = describer.settings.to_dict() | {
         "weights": describer.backbone.weights, "whitening": str(args.pca or args.pca_images or "none"),
         "dataset": dataset.name, "database_images": len(dataset.images), "queries": len(dataset.queries),
     }
+    if options.refined:
+        record_settings["refinement"] = dataclasses.asdict(options) | {"qe_gate": options.qe_gate_or_default}
     record = result_record(result, record_settings)
     if args.json:
         print(json.dumps(record, indent=2))

@@ -416,52 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--exact", action="store_true", help="exact search even if the index has an approximate one (index --ann)"
     )
-    refine = search.add_argument_group(
-        "query-time refinement (the paper's sections 3 and 5: docs/method.md, docs/refinement.md; --online and "
-        "--rerank need an index with maps)"
-    )
-    refine.add_argument(
-        "--refine", action="store_true",
-        help=f"the measured best refinement for box queries (docs/refinement.md): online aggregation with the query's "
-        f"top {REFINE_ONLINE_CLASSES} classes, unwhitened, over the top {DEFAULT_ONLINE_TOP} of the plain search; the "
-        "flags below are its parts, for experts",
-    )
-    refine.add_argument(
-        "--online", action="store_true",
-        help="online aggregation: every database image aggregated with the query's classes",
-    )
-    refine.add_argument(
-        "--online-classes", type=count(1), metavar="N", help="N_c of online aggregation (default: the index's)"
-    )
-    refine.add_argument(
-        "--online-top", type=count(0), metavar="R",
-        help=f"with --online: re-aggregate only the top R of the plain search, which bounds a query's cost on a large "
-        f"index (default: {DEFAULT_ONLINE_TOP}; 0: every image)",
-    )
-    refine.add_argument(
-        "--online-unwhitened", action="store_true",
-        help="with --online: aggregate without the PCA-whitening (the raw class vectors); not with --rerank or --qe",
-    )
-    refine.add_argument(
-        "--rerank", type=count(0), default=0, metavar="R", help="re-rank the top R with CAM regions (default: 0, off)"
-    )
-    refine.add_argument(
-        "--rerank-classes", type=count(1), default=DEFAULT_RERANK_CLASSES, metavar="N",
-        help="N_re, query classes describing the regions",
-    )
-    refine.add_argument(
-        "--qe", type=count(0), default=0, metavar="K", help="query expansion with the top K results (default: 0, off)"
-    )
-    refine.add_argument(
-        "--qe-alpha", type=non_negative_number, metavar="A",
-        help="alpha-QE: weight the K results by similarity^A (default: average QE)",
-    )
-    refine.add_argument(
-        "--qe-gate", type=count(0), metavar="k",
-        help="with --qe: expand only with those of the K results that are k-reciprocal neighbours of the query, so "
-        f"that QE helps where the first results are right and stays out where they are not (docs/refinement.md; "
-        f"default: {DEFAULT_QE_GATE}; 0: every one of the K, the paper's QE)",
-    )
+    _add_refinement_options(search)
 
     evaluation = command(
         "eval",
@@ -487,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--report", type=Path, metavar="DIR",
         help="also write an HTML report there: metrics, per-query AP, precision-recall curve, example queries "
         "(default: none)",
+    )
+    _add_refinement_options(evaluation)
+    evaluation.add_argument(
+        "--index", type=Path, metavar="DIR",
+        help="with a refinement: the index of the database images it is evaluated on, kept there (built when missing, "
+        "grown or reused when it holds the same settings; default: a temporary folder)",
     )
 
     tables = command(
@@ -567,6 +528,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_device_option(explain)
     return parser
+
+
+def _add_refinement_options(parser: argparse.ArgumentParser) -> None:
+    """Query-time refinement: ``search`` and ``eval`` take the same flags (cli.search.refinement_options)."""
+    refine = parser.add_argument_group(
+        "query-time refinement (the paper's sections 3 and 5: docs/method.md, docs/refinement.md; --online and "
+        "--rerank need an index with maps)"
+    )
+    refine.add_argument(
+        "--refine", action="store_true",
+        help=f"the measured best refinement for box queries (docs/refinement.md): online aggregation with the query's "
+        f"top {REFINE_ONLINE_CLASSES} classes, unwhitened, over the top {DEFAULT_ONLINE_TOP} of the plain search; the "
+        "flags below are its parts, for experts",
+    )
+    refine.add_argument(
+        "--online", action="store_true",
+        help="online aggregation: every database image aggregated with the query's classes",
+    )
+    refine.add_argument(
+        "--online-classes", type=count(1), metavar="N", help="N_c of online aggregation (default: the index's)"
+    )
+    refine.add_argument(
+        "--online-top", type=count(0), metavar="R",
+        help=f"with --online: re-aggregate only the top R of the plain search, which bounds a query's cost on a large "
+        f"index (default: {DEFAULT_ONLINE_TOP}; 0: every image)",
+    )
+    refine.add_argument(
+        "--online-unwhitened", action="store_true",
+        help="with --online: aggregate without the PCA-whitening (the raw class vectors); not with --rerank or --qe",
+    )
+    refine.add_argument(
+        "--rerank", type=count(0), default=0, metavar="R", help="re-rank the top R with CAM regions (default: 0, off)"
+    )
+    refine.add_argument(
+        "--rerank-classes", type=count(1), default=DEFAULT_RERANK_CLASSES, metavar="N",
+        help="N_re, query classes describing the regions",
+    )
+    refine.add_argument(
+        "--qe", type=count(0), default=0, metavar="K", help="query expansion with the top K results (default: 0, off)"
+    )
+    refine.add_argument(
+        "--qe-alpha", type=non_negative_number, metavar="A",
+        help="alpha-QE: weight the K results by similarity^A (default: average QE)",
+    )
+    refine.add_argument(
+        "--qe-gate", type=count(0), metavar="k",
+        help="with --qe: expand only with those of the K results that are k-reciprocal neighbours of the query, so "
+        f"that QE helps where the first results are right and stays out where they are not (docs/refinement.md; "
+        f"default: {DEFAULT_QE_GATE}; 0: every one of the K, the paper's QE)",
+    )
 
 
 def _add_class_list_option(parser: argparse.ArgumentParser, what: str) -> None:

@@ -12,8 +12,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from camretrieval.errors import CamRetrievalError
+
+if TYPE_CHECKING:
+    from camretrieval.search.refinement import SearchOptions
 
 Box = tuple[float, float, float, float]  # as camretrieval.method.regions.Box (not imported: it loads torch)
 
@@ -53,17 +57,8 @@ def _all_numbers(texts: list[str]) -> bool:
     return True
 
 
-def _queries(args: argparse.Namespace) -> list[tuple[str, Box | None]]:
-    """The queries of the command line, with every argument check made (before anything heavy is imported)."""
-    queries: list[tuple[str, Box | None]] = [(query, None) for query in args.queries]
-    if args.box is not None:
-        if len(queries) != 1:
-            raise CamRetrievalError("--box goes with exactly one QUERY; use --queries FILE for several boxes")
-        queries = [(queries[0][0], tuple(args.box))]  # type: ignore[list-item]
-    if args.queries_file is not None:
-        queries += read_queries_file(args.queries_file)
-    if not queries:
-        raise CamRetrievalError("no queries: give QUERY paths or --queries FILE")
+def check_refinement_arguments(args: argparse.Namespace) -> None:
+    """The refinement flags (cli.options._add_refinement_options) that do not go together, refused by name."""
     if args.qe_alpha is not None and not args.qe:
         raise CamRetrievalError("--qe-alpha goes with --qe K")
     if args.qe_gate is not None and not args.qe:
@@ -78,18 +73,14 @@ def _queries(args: argparse.Namespace) -> list[tuple[str, Box | None]]:
         raise CamRetrievalError("--online-unwhitened ranks in the raw feature space: not with --rerank or --qe")
     if args.refine and (args.online or args.rerank or args.qe):
         raise CamRetrievalError("--refine is a complete refinement: give it alone, or its parts (--online ...) instead")
-    if args.html is not None and args.html.is_dir():
-        raise CamRetrievalError(f"--html {args.html} is a folder: name the page's file, e.g. {args.html / 'results.html'}")
-    return queries
 
 
-def run_search(args: argparse.Namespace) -> int:
-    queries = _queries(args)
-    from camretrieval.search.index import Index
-    from camretrieval.search.refinement import SearchOptions
-    from camretrieval.storage.maps import require_maps
+def refinement_options(args: argparse.Namespace) -> "SearchOptions":
+    """The :class:`~camretrieval.search.refinement.SearchOptions` of the refinement flags (checked first)."""
+    check_refinement_arguments(args)
+    from camretrieval.search.refinement import SearchOptions  # here: it loads torch
 
-    options = SearchOptions.refine() if args.refine else SearchOptions(
+    return SearchOptions.refine() if args.refine else SearchOptions(
         online=args.online,
         online_classes=args.online_classes,
         online_top=args.online_top,
@@ -100,6 +91,31 @@ def run_search(args: argparse.Namespace) -> int:
         qe_alpha=args.qe_alpha or 0.0,
         qe_gate=args.qe_gate,
     )
+
+
+def _queries(args: argparse.Namespace) -> list[tuple[str, Box | None]]:
+    """The queries of the command line, with every argument check made (before anything heavy is imported)."""
+    queries: list[tuple[str, Box | None]] = [(query, None) for query in args.queries]
+    if args.box is not None:
+        if len(queries) != 1:
+            raise CamRetrievalError("--box goes with exactly one QUERY; use --queries FILE for several boxes")
+        queries = [(queries[0][0], tuple(args.box))]  # type: ignore[list-item]
+    if args.queries_file is not None:
+        queries += read_queries_file(args.queries_file)
+    if not queries:
+        raise CamRetrievalError("no queries: give QUERY paths or --queries FILE")
+    check_refinement_arguments(args)
+    if args.html is not None and args.html.is_dir():
+        raise CamRetrievalError(f"--html {args.html} is a folder: name the page's file, e.g. {args.html / 'results.html'}")
+    return queries
+
+
+def run_search(args: argparse.Namespace) -> int:
+    queries = _queries(args)
+    from camretrieval.search.index import Index
+    from camretrieval.storage.maps import require_maps
+
+    options = refinement_options(args)
     index = Index.open(args.index_dir, device=args.device, exact=args.exact)
     if options.needs_maps:  # one clear error, not one per query
         require_maps(index.maps, "--refine" if args.refine else "--online" if options.online else "--rerank")

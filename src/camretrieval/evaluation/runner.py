@@ -30,6 +30,8 @@ from camretrieval.method.aggregation import aggregate
 from camretrieval.method.feature_maps import FeatureMaps
 from camretrieval.method.pooling import pooled_vectors
 from camretrieval.method.whitening import PCAWhitening
+from camretrieval.search.index import Index
+from camretrieval.search.refinement import SearchOptions
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,39 @@ def evaluate_variants(
         metrics = evaluate(dataset, similarity)
         results.append(VariantResult(variant, metrics, (shared + own) / n_described, similarity if keep_similarity else None))
     return results
+
+
+def evaluate_refinement(
+    index: Index,
+    dataset: RetrievalDataset,
+    options: SearchOptions,
+    variant: Variant,
+    progress: bool = True,
+) -> VariantResult:
+    """Score query-time refinement (``eval --refine``, ``--online``, ``--rerank R``, ``--qe K``: ``options``) with the
+    dataset's own protocol, through the same :meth:`Index.rank` that ``search`` runs, on ``index``: an index of the
+    dataset's database images (``Index.build`` of ``dataset.root``; images it skipped as unusable are ranked last,
+    as :func:`evaluate_variants` ranks them). A query that is a database image is left out of its own ranking and of
+    its expansion (its ground truth holds it as junk). ``seconds_per_image`` is the mean refinement time per query,
+    its description included."""
+    if any(Path(path).is_absolute() for path in dataset.images):
+        raise CamRetrievalError("query-time refinement is evaluated on one folder of images: not with --distractors")
+    position = {path: i for i, path in enumerate(dataset.images)}
+    unknown = [path for path in index.paths if path not in position]
+    if unknown:
+        raise CamRetrievalError(f"the index holds images that {dataset.name} does not list, e.g. {unknown[0]}")
+    in_dataset = np.array([position[path] for path in index.paths], dtype=np.int64)
+    in_index = {int(d): i for i, d in enumerate(in_dataset)}
+    similarity = np.full((len(dataset.queries), len(dataset.images)), -np.inf)
+    started = time.perf_counter()
+    for row, query in enumerate(tqdm(dataset.queries, desc="queries", unit="query", disable=not progress)):
+        own = in_index.get(query.db_index) if query.db_index is not None else None
+        description = index.describe_query(dataset.query_path(row), query.box, options)
+        ranking = index.rank(description, options, exclude=[own] if own is not None else [])
+        # the ranking's order as similarities: first best; the excluded and the unusable after every ranked image
+        similarity[row, in_dataset[ranking.ids]] = -np.arange(len(ranking.ids), dtype=np.float64)
+    seconds = (time.perf_counter() - started) / max(1, len(dataset.queries))
+    return VariantResult(variant, evaluate(dataset, similarity), seconds, similarity)
 
 
 def _channels(vectors: Sequence[torch.Tensor | None]) -> int:
