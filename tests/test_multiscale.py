@@ -120,6 +120,12 @@ def test_cli_refuses_bad_scales_without_a_traceback(tmp_path):
     assert "scales" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_scale_smaller_than_one_feature_cell_is_refused(lite0):
+    with pytest.raises(CamRetrievalError, match="smaller than one feature cell"):
+        Describer(lite0, size=224, scales=(1, 0.1))  # 22 px: less than lite0's 32 px cell
+    assert Describer(lite0, size=224, scales=(1, 0.15)).scales == (1.0, 0.15)  # 33.6 px: one cell
+
+
 def test_calibration_measures_once_and_caches(lite0, tmp_path, monkeypatch):
     monkeypatch.setenv("CAMRETRIEVAL_CACHE", str(tmp_path))
     monkeypatch.setattr(calibration, "BATCH_SIZES", (1, 2))

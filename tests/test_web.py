@@ -231,6 +231,9 @@ def test_search_options_are_the_index_options(server, collection):
                                        "rerank": 0, "rerank_classes": 6, "qe": 0, "qe_alpha": 0.0, "qe_gate": 0}
     status, error = search(server, {"path": query.relative_to(images).as_posix(), "refine": "true", "qe": "2"})
     assert status == 400 and "refine" in str(error)
+    for alone in ({"refine": "true", "qe_gate": "3"}, {"qe_gate": "3"}, {"qe_alpha": "3"}):  # as the CLI refuses them
+        status, error = search(server, {"path": query.relative_to(images).as_posix()} | alone)
+        assert status == 400 and "go with query expansion" in str(error), alone
 
 
 def test_explain_gives_classes_region_and_png_overlays(server, collection):

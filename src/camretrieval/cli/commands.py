@@ -187,8 +187,12 @@ def _check_same_settings(index_dir: Path, settings: ExtractionSettings, recorded
     if not recorded:
         return
     wanted = settings.to_dict()
+
+    def shown(key: str, value: object) -> str:
+        return "1 (single-scale)" if key == "scales" and value is None else repr(value)  # to_dict leaves out scale 1
+
     differences = [
-        f"{option} {wanted.get(key)!r} given, {key!r}: {recorded.get(key)!r} in the index"
+        f"{option} {shown(key, wanted.get(key))} given, {key!r}: {shown(key, recorded.get(key))} in the index"
         for key, option in _SETTING_OPTIONS.items()
         if wanted.get(key) != recorded.get(key)
     ]
@@ -480,7 +484,8 @@ def run_eval(args: argparse.Namespace) -> int:
         print(json.dumps(record, indent=2))
     else:
         print(f"{dataset.name}: {len(dataset.images)} database images, {len(dataset.queries)} queries")
-        title = f"{settings.backbone}, size {settings.size}, whitening {record_settings['whitening']}"
+        scales = f", scales {','.join(f'{s:g}' for s in settings.scales)}" if len(settings.scales) > 1 else ""
+        title = f"{settings.backbone}, size {settings.size}{scales}, whitening {record_settings['whitening']}"
         print(markdown_table(title, [result]))
     if args.report is not None:
         from camretrieval.evaluation.report import write_eval_report

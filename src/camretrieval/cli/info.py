@@ -119,7 +119,8 @@ def info_text(info: dict[str, Any]) -> str:
         f"layer {settings.get('feature_layer')}" + (
             f", CAMs from {settings['cam_layer']}" if settings.get("cam_layer") not in (None, settings.get("feature_layer")) else ""
         ),
-        f"size {settings['size']} px",
+        f"size {settings['size']} px"
+        + (f", scales {','.join(f'{s:g}' for s in settings['scales'])}" if len(settings.get("scales") or []) > 1 else ""),
         f"pooling {settings['pooling']}",
     ]
     if settings.get("class_list"):

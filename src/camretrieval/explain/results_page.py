@@ -62,9 +62,11 @@ def describe_refinement(options: SearchOptions, n_classes: int) -> str:
     if options.rerank:
         steps.append(f"re-ranking of the top {options.rerank} with CAM regions (N_re = {options.rerank_classes})")
     if options.qe:
+        gate = options.qe_gate_or_default
         steps.append(
-            f"alpha-query expansion with the top {options.qe} (alpha = {options.qe_alpha:g})" if options.qe_alpha
-            else f"query expansion with the top {options.qe}"
+            (f"alpha-query expansion with the top {options.qe} (alpha = {options.qe_alpha:g})" if options.qe_alpha
+             else f"query expansion with the top {options.qe}")
+            + (f" that are {gate}-reciprocal neighbours of the query (none: no expansion)" if gate else "")
         )
     return ", then ".join(steps)
 

@@ -136,6 +136,11 @@ class Describer:
             tuple(scales),
         )
         self.scales = self.settings.scales
+        if min(self.scales) * size < backbone.stride:
+            raise CamRetrievalError(
+                f"scale {min(self.scales):g} of --size {size} is {min(self.scales) * size:.0f} px, smaller than one "
+                f"feature cell ({backbone.stride} px): use larger --scales"
+            )
         self.whitening = whitening
         if whitening is not None:
             check_whitening(whitening, self.settings)

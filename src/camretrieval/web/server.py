@@ -652,6 +652,8 @@ def create_app(
         parsed_box = _parse_box(box)
         if refine and (online or rerank or qe):
             raise RequestError(400, "refine is a complete refinement: give it alone, or online, rerank and qe instead")
+        if not qe and (qe_alpha or qe_gate is not None):
+            raise RequestError(400, "qe_alpha and qe_gate go with query expansion: give qe=K (K > 0) too")
         options = SearchOptions.refine() if refine else SearchOptions(
             online=online, rerank=rerank, qe=qe, qe_alpha=qe_alpha, qe_gate=qe_gate
         )

@@ -457,7 +457,8 @@ function refinementText(r) {
   const parts = [];
   if (r.online) parts.push("online aggregation (OnA)");
   if (r.rerank) parts.push(`re-ranked the top ${r.rerank} with CAM regions (N_re = ${r.rerank_classes})`);
-  if (r.qe) parts.push(r.qe_alpha ? `α-QE with the top ${r.qe} (α = ${r.qe_alpha})` : `query expansion with the top ${r.qe}`);
+  if (r.qe) parts.push((r.qe_alpha ? `α-QE with the top ${r.qe} (α = ${r.qe_alpha})` : `query expansion with the top ${r.qe}`)
+    + (r.qe_gate ? ` that are ${r.qe_gate}-reciprocal neighbours of the query` : ""));
   return "Refinement: " + (parts.length ? parts.join(" · ") : "none, plain search (offline aggregation, OfA)");
 }
 
