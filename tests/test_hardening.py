@@ -17,6 +17,7 @@ from camretrieval.cli import main
 from camretrieval.errors import CamRetrievalError
 from camretrieval.extraction.images import ImageError, ImageFileDataset, load_image
 from camretrieval.method.whitening import WhiteningFileError
+from camretrieval.search.refinement import SearchOptions
 from camretrieval.storage import catalog
 from camretrieval.storage.catalog import ANN, RETRY_MARK, SHARDS, FileState, IndexFileError, IndexStore
 from camretrieval.storage.check import check_index
@@ -121,6 +122,33 @@ def test_index_repairs_damaged_shards_and_approximate_index(eth80_dir, whitening
     with IndexStore.writing(index_dir) as store:
         assert check_index(store) == []
     assert after.search([folder / before.paths[0]], top=1)[0][0].path == before.paths[0]
+
+
+def test_maps_damaged_inside_a_block_are_found_by_index_verify_and_described_again(eth80_dir, whitening, tmp_path, capsys):
+    """Bytes overwritten inside a maps block keep the file's length and headers: OnA names the damage and the fix,
+    a plain index run does not see it, index --verify decodes every block, finds it and describes the shard again."""
+    folder = tmp_path / "photos"
+    names = _photos(eth80_dir, folder, 6)
+    index_dir = tmp_path / "index"
+    _update(index_dir, folder, whitening, commit_every=3)
+    before = Index.open(index_dir)
+    query = folder / names[0]
+    expected = before.search([query], top=6, options=SearchOptions(online=True))[0]
+    blocks = sorted((index_dir / SHARDS).glob("*/features_maps.blocks"))[1]
+    data = bytearray(blocks.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
+    blocks.write_bytes(bytes(data))
+    assert main(["search", str(index_dir), str(query), "--online"]) == 1
+    assert "--verify" in capsys.readouterr().err
+    with IndexStore.writing(index_dir) as store:
+        assert check_index(store) == []  # headers and lengths are whole
+        found = check_index(store, verify_maps=True)
+    assert [d.shard for d in found] == [blocks.parent.name] and "damaged maps" in found[0].problem
+    assert _update(index_dir, folder, whitening, commit_every=3).described == 0
+    report = _update(index_dir, folder, whitening, commit_every=3, verify_maps=True)
+    assert len(report.repaired) == 1 and report.described == 3 and report.total == 6
+    again = Index.open(index_dir).search([query], top=6, options=SearchOptions(online=True))[0]
+    assert [h.path for h in again] == [h.path for h in expected]
 
 
 def test_an_index_with_no_images_left_finds_nothing(eth80_dir, whitening, tmp_path):

@@ -257,6 +257,7 @@ def run_index(args: argparse.Namespace) -> int:
         precision=args.precision,
         float16=args.float16,
         ann_recall=args.recall,
+        verify_maps=args.verify,
     )
     _report_failures(report.failures, report.attempted)
     if report.failed_before:

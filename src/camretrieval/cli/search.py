@@ -59,6 +59,10 @@ def _all_numbers(texts: list[str]) -> bool:
 
 def check_refinement_arguments(args: argparse.Namespace) -> None:
     """The refinement flags (cli.options._add_refinement_options) that do not go together, refused by name."""
+    parts = (args.online, args.rerank, args.qe, args.online_top is not None, args.online_classes is not None,
+             args.online_unwhitened, args.qe_alpha is not None, args.qe_gate is not None)
+    if args.refine and any(parts):
+        raise CamRetrievalError("--refine is a complete refinement: give it alone, or its parts (--online ...) instead")
     if args.qe_alpha is not None and not args.qe:
         raise CamRetrievalError("--qe-alpha goes with --qe K")
     if args.qe_gate is not None and not args.qe:
@@ -71,8 +75,6 @@ def check_refinement_arguments(args: argparse.Namespace) -> None:
         raise CamRetrievalError("--online-unwhitened goes with --online")
     if args.online_unwhitened and (args.rerank or args.qe):
         raise CamRetrievalError("--online-unwhitened ranks in the raw feature space: not with --rerank or --qe")
-    if args.refine and (args.online or args.rerank or args.qe):
-        raise CamRetrievalError("--refine is a complete refinement: give it alone, or its parts (--online ...) instead")
 
 
 def refinement_options(args: argparse.Namespace) -> "SearchOptions":

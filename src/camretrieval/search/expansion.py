@@ -30,7 +30,8 @@ def expansion_weights(query: np.ndarray, neighbours: np.ndarray, alpha: float = 
     if alpha == 0:
         return np.ones(len(neighbours), dtype=np.float64)
     similarities = np.asarray(neighbours, dtype=np.float64) @ np.asarray(query, dtype=np.float64)
-    return np.clip(similarities, 0.0, None) ** alpha
+    # at most 1 between unit vectors; rounding above it would make a large power overflow
+    return np.clip(similarities, 0.0, 1.0) ** alpha
 
 
 def expanded_query(query: np.ndarray, neighbours: np.ndarray, alpha: float = 0.0) -> np.ndarray:

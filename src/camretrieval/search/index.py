@@ -35,7 +35,7 @@ from camretrieval.method.regions import Box
 from camretrieval.method.whitening import PCAWhitening
 from camretrieval.search.refinement import QueryDescription, Ranking, Refinement, SearchOptions
 from camretrieval.storage.ann import build_search_index
-from camretrieval.storage.catalog import IndexFileError, IndexStore, Snapshot, rebuild_hint
+from camretrieval.storage.catalog import IndexFileError, IndexStore, Snapshot, repair_hint
 from camretrieval.storage.maps import MapStore
 from camretrieval.storage.shards import load_snapshot
 from camretrieval.storage.writer import update_index, write_index
@@ -161,8 +161,7 @@ class Index:
             except FileNotFoundError as error:  # a writer deleted a shard no longer used after our snapshot: look again
                 if attempt == 2:
                     raise IndexFileError(
-                        f"the index at {index_dir} is incomplete or damaged ({error}): rebuild it with "
-                        f"{rebuild_hint(Path(index_dir))}"
+                        f"the index at {index_dir} is incomplete or damaged ({error}): {repair_hint(Path(index_dir))}"
                     ) from error
             finally:
                 store.close()

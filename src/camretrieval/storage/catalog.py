@@ -98,7 +98,14 @@ def _printable(text: str) -> str:
 
 
 def rebuild_hint(directory: Path) -> str:
-    return f"camretrieval index IMAGES_DIR {directory} --pca PCA_FILE"
+    """The command that builds an index at ``directory`` ([--pca]: with the whitening it had, if any)."""
+    return f"camretrieval index IMAGES_DIR {directory} [--pca PCA_FILE]"
+
+
+def repair_hint(directory: Path) -> str:
+    """The command that repairs a damaged index at ``directory`` (:func:`camretrieval.storage.check.check_index`)."""
+    return (f"camretrieval index IMAGES_DIR {directory} --verify (with the options it was built with) finds the damaged "
+            "shards, decoding every stored block, and describes their images again")
 
 
 @dataclass(frozen=True)

@@ -85,8 +85,8 @@ class MapsNotStoredError(CamRetrievalError):
 def maps_missing_message(what: str) -> str:
     return (
         f"{what} needs the feature maps of the database images, and this index was built without them "
-        "(camretrieval index --no-maps, Index.build(keep_maps=False), or a baseline pooling). Rebuild it with: "
-        "camretrieval index IMAGES_DIR INDEX_DIR --pca PCA_FILE (without --no-maps)"
+        "(camretrieval index --no-maps, Index.build(keep_maps=False), or a baseline pooling). Build one with them in a "
+        "new folder: camretrieval index IMAGES_DIR NEW_INDEX_DIR [--pca PCA_FILE] (without --no-maps)"
     )
 
 
@@ -190,13 +190,20 @@ class BlockCells:
         for start in np.asarray(starts).tolist():
             read_header(self.data, start)
 
+    def verify_blocks(self, table: np.ndarray) -> None:
+        """Every block (``table``: start, H, W per image) decodes: its sections' zstd checksums hold and its positions
+        fit its maps. Raises :class:`MapsDamagedError` naming the first that does not."""
+        for start, height, width in np.asarray(table).tolist():
+            decode_block(self.data, start, height, width, self.channels)
+
     def _decode(self, start: int, height: int, width: int):
         try:
             return decode_block(self.data, start, height, width, self.channels)
         except MapsDamagedError as error:
             raise MapsDamagedError(
                 f"the stored maps in {self.location or 'a maps blocks file'} are damaged ({error}): "
-                "camretrieval index IMAGES_DIR INDEX_DIR finds damaged shards and describes their images again"
+                "camretrieval index IMAGES_DIR INDEX_DIR --verify (with the options it was built with) finds the "
+                "damaged shards, decoding every stored block, and describes their images again"
             ) from error
 
     def float16(self, start: int, height: int, width: int) -> np.ndarray:

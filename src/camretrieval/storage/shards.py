@@ -32,6 +32,7 @@ from camretrieval.storage.catalog import (
     IndexStore,
     Snapshot,
     rebuild_hint,
+    repair_hint,
 )
 from camretrieval.storage.files import fsync_directory
 from camretrieval.storage.maps import MapStore, MapStoreWriter, encode_maps
@@ -224,7 +225,6 @@ def load_snapshot(
         raise  # Index.open looks again: a writer may have deleted a shard after this snapshot
     except (OSError, ValueError, IndexError, CamRetrievalError) as error:
         raise IndexFileError(
-            f"the index at {store.directory} is incomplete or damaged ({error}): rebuild it with "
-            f"{rebuild_hint(store.directory)}"
+            f"the index at {store.directory} is incomplete or damaged ({error}): {repair_hint(store.directory)}"
         ) from error
     return descriptors, whitening, MapStore.gather(shard_maps, shard_of, rows) if with_maps else None

@@ -103,6 +103,7 @@ def update_index(
     remove_missing: bool = False,
     describer: Describer | None = None,
     ann_recall: float | None = None,
+    verify_maps: bool = False,
 ) -> UpdateReport:
     """Bring the index in ``index_dir`` (created if needed) up to date with the images under ``image_root``: describe
     the new and changed ones, in commits of ``commit_every`` images. Returns what it did; images that are indexed but
@@ -124,7 +125,8 @@ def update_index(
     ``only``: look at these files (relative to ``image_root``) instead of listing the whole folder; those not there
     count as gone. ``remove_missing``: remove the indexed files that are gone (an index that follows its folder,
     :mod:`camretrieval.storage.watch`; an empty folder is then an empty index, not an error). ``describer``: one
-    already loaded for these settings and whitening, reused."""
+    already loaded for these settings and whitening, reused. Damaged shards found first are described again
+    (:func:`camretrieval.storage.check.check_index`; ``verify_maps``: decoding every stored block of maps)."""
     started = time.perf_counter()
     image_root = Path(image_root)
     if not image_root.is_dir():
@@ -153,7 +155,7 @@ def update_index(
     report = UpdateReport()
     with IndexStore.writing(index_dir) as store:
         check_compatible(store, wanted, whitening)
-        damages = check_index(store)
+        damages = check_index(store, verify_maps)
         if damages:  # described again below from the images on disk: they count as new files
             report.repaired = [str(damage) for damage in damages]
             repair(store, damages)
