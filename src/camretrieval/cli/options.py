@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     index.add_argument(
         "--verify", action="store_true",
-        help="first decode every stored block of maps (about 0.15 ms per image), not only check the files' headers "
+        help="first decode every stored block of maps, not only check the files' headers "
         "and lengths: the images of a shard damaged inside are described again (default: off)",
     )
     index.add_argument(

@@ -40,7 +40,7 @@ def npy_shape(path: Path) -> tuple[int, ...]:
 
 def check_index(store: IndexStore, verify_maps: bool = False) -> list[Damage]:
     """Every problem of the files the catalog of ``store`` points to (empty: the index is sound). ``verify_maps``:
-    also decode every stored block of maps (``index --verify``: about 0.15 ms per image), which finds bytes damaged
+    also decode every stored block of maps (``index --verify``), which finds bytes damaged
     inside a block; without it only their headers and lengths are checked."""
     meta = store.meta()
     rows = store.connection.execute(
