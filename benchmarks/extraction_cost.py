@@ -19,6 +19,7 @@ Ratios printed: the limit / ``index`` (1.0 = index costs nothing but the forward
 ``index`` (above 1: index is faster).
 
     python benchmarks/extraction_cost.py [--images ../shared/data/clutter-dev] [--limit 120] [--size 448] [--repeats 2]
+        [--batch-sizes 1,2]
 """
 
 from __future__ import annotations
@@ -85,7 +86,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precision", default="float32", help="the forward pass: float32, bfloat16 or float16 (GPU)")
+    parser.add_argument(
+        "--batch-sizes", default=",".join(map(str, BATCH_SIZES)),
+        help="the bare forward's batch sizes (default: all that calibration tries; fewer make a long run shorter)",
+    )
     args = parser.parse_args()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     paths = find_images(args.images)[: args.limit]
     backbone = load_backbone(args.backbone)
@@ -167,10 +173,10 @@ def main() -> None:
         return run
 
     limits = {f"bare forward, batch {b}{', channels-last' if cl else ''}": bare_forward(b, cl)
-              for cl in (True, False) for b in BATCH_SIZES}
+              for cl in (True, False) for b in batch_sizes}
     if forward_processes_possible(device) and args.precision == "float32":
         limits |= {f"bare forward, batch {b}, channels-last, {usable_cores()} processes x 1 thread":
-                   bare_forward_in_processes(b) for b in BATCH_SIZES[:2]}
+                   bare_forward_in_processes(b) for b in batch_sizes if b <= 2}
     for run in limits.values():
         run()  # warm-up: first-call allocations and kernel selection for every shape
     runs = limits | {
