@@ -25,7 +25,8 @@ files present say which: an index may hold both while it is being upgraded):
 
 Either way the reader gives float32 tensors, cell-major (one row of K channels per cell: CAMs and class vectors are
 then plain matrix products with the rows), of images of one map shape at a time (:meth:`MapStore.batches`, which
-decodes the next batch on a second thread while the caller computes on this one).
+decodes the next batch on a second thread while the caller computes on this one), or, for online aggregation on the
+CPU, only their non-zero values as one block-diagonal sparse matrix per batch (:meth:`MapStore.sparse_batches`).
 """
 
 from __future__ import annotations
