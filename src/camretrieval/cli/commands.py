@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from camretrieval.cli.info import run_info
-from camretrieval.cli.search import read_queries_file, refinement_options, run_search
+from camretrieval.cli.info import run_info, scales_note
+from camretrieval.cli.search import read_queries_file, refinement_options, require_refinement_maps, run_search
 from camretrieval.constants import DEFAULT_BACKBONE, DEFAULT_NPCA, DEFAULT_WHITENING_DIM, MIN_COLLECTION_WHITENING
 from camretrieval.errors import CamRetrievalError
 
@@ -427,10 +427,7 @@ def _evaluate_refinement(
     )
     for failure in failures:
         print(f"{dataset.name}: database image unusable, ranked last: {failure.path}: {failure.reason}", file=sys.stderr)
-    if options.needs_maps:
-        from camretrieval.storage.maps import require_maps
-
-        require_maps(index.maps, "--refine" if args.refine else "--online" if options.online else "--rerank")
+    require_refinement_maps(index, options, args)
     return evaluate_refinement(index, dataset, options, variant, progress=not args.quiet)
 
 
@@ -485,8 +482,7 @@ def run_eval(args: argparse.Namespace) -> int:
         print(json.dumps(record, indent=2))
     else:
         print(f"{dataset.name}: {len(dataset.images)} database images, {len(dataset.queries)} queries")
-        scales = f", scales {','.join(f'{s:g}' for s in settings.scales)}" if len(settings.scales) > 1 else ""
-        title = f"{settings.backbone}, size {settings.size}{scales}, whitening {record_settings['whitening']}"
+        title = f"{settings.backbone}, size {settings.size}{scales_note(settings.scales)}, whitening {record_settings['whitening']}"
         print(markdown_table(title, [result]))
     if args.report is not None:
         from camretrieval.evaluation.report import write_eval_report
@@ -518,8 +514,7 @@ def run_tables(args: argparse.Namespace) -> int:
     sections = [
         f"Tables on {dataset.name} ({len(dataset.images)} images, {len(dataset.queries)} queries), PCA-whitening "
         f"({args.dim}-d, N_pca = {args.npca}) learned on {args.pca_images.name} ({len(pca_paths)} images), "
-        f"size {args.size}" + (f", scales {','.join(f'{s:g}' for s in args.scales)}" if len(args.scales) > 1 else "")
-        + ".\n"
+        f"size {args.size}{scales_note(args.scales)}.\n"
     ]
 
     def run(backbone: Backbone, variants: list[Variant]) -> list:

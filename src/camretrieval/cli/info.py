@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,11 @@ def _megabytes(count: int) -> str:
     return f"{count / 1e6:.1f} MB" if count >= 1e5 else f"{count / 1e3:.1f} kB"
 
 
+def scales_note(scales: Sequence[float] | None) -> str:
+    """", scales 1,0.707,0.5" for multi-scale settings, nothing for one scale (what every output appends to the size)."""
+    return f", scales {','.join(f'{scale:g}' for scale in scales)}" if scales and len(scales) > 1 else ""
+
+
 def info_text(info: dict[str, Any]) -> str:
     """``camretrieval info`` as lines a person reads."""
     settings = info["settings"]
@@ -119,8 +125,7 @@ def info_text(info: dict[str, Any]) -> str:
         f"layer {settings.get('feature_layer')}" + (
             f", CAMs from {settings['cam_layer']}" if settings.get("cam_layer") not in (None, settings.get("feature_layer")) else ""
         ),
-        f"size {settings['size']} px"
-        + (f", scales {','.join(f'{s:g}' for s in settings['scales'])}" if len(settings.get("scales") or []) > 1 else ""),
+        f"size {settings['size']} px{scales_note(settings.get('scales'))}",
         f"pooling {settings['pooling']}",
     ]
     if settings.get("class_list"):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from camretrieval.errors import CamRetrievalError
 
 if TYPE_CHECKING:
+    from camretrieval.search.index import Index
     from camretrieval.search.refinement import SearchOptions
 
 Box = tuple[float, float, float, float]  # as camretrieval.method.regions.Box (not imported: it loads torch)
@@ -96,7 +97,8 @@ def refinement_options(args: argparse.Namespace) -> "SearchOptions":
 
 
 def _queries(args: argparse.Namespace) -> list[tuple[str, Box | None]]:
-    """The queries of the command line, with every argument check made (before anything heavy is imported)."""
+    """The queries of the command line, checked (before anything heavy is imported; the refinement flags are
+    checked by :func:`refinement_options`)."""
     queries: list[tuple[str, Box | None]] = [(query, None) for query in args.queries]
     if args.box is not None:
         if len(queries) != 1:
@@ -106,21 +108,26 @@ def _queries(args: argparse.Namespace) -> list[tuple[str, Box | None]]:
         queries += read_queries_file(args.queries_file)
     if not queries:
         raise CamRetrievalError("no queries: give QUERY paths or --queries FILE")
-    check_refinement_arguments(args)
     if args.html is not None and args.html.is_dir():
         raise CamRetrievalError(f"--html {args.html} is a folder: name the page's file, e.g. {args.html / 'results.html'}")
     return queries
 
 
+def require_refinement_maps(index: "Index", options: "SearchOptions", args: argparse.Namespace) -> None:
+    """One clear error, naming the flag, when ``options`` need maps that ``index`` was built without."""
+    if options.needs_maps:
+        from camretrieval.storage.maps import require_maps
+
+        require_maps(index.maps, "--refine" if args.refine else "--online" if options.online else "--rerank")
+
+
 def run_search(args: argparse.Namespace) -> int:
     queries = _queries(args)
+    options = refinement_options(args)  # checked after the queries, before the index is opened
     from camretrieval.search.index import Index
-    from camretrieval.storage.maps import require_maps
 
-    options = refinement_options(args)
     index = Index.open(args.index_dir, device=args.device, exact=args.exact)
-    if options.needs_maps:  # one clear error, not one per query
-        require_maps(index.maps, "--refine" if args.refine else "--online" if options.online else "--rerank")
+    require_refinement_maps(index, options, args)  # one clear error, not one per query
     root = str(index.image_root) if index.image_root is not None else None
     results, answered, failed = [], [], 0
     for query, box in queries:

@@ -183,6 +183,12 @@ def is_positive(bits: np.ndarray) -> np.ndarray:
     return (bits > 0) & (bits <= _POSITIVE_INFINITY)
 
 
+def positive_counts(channel: np.ndarray, bits: np.ndarray, channels: int) -> np.ndarray:
+    """Eq. 2's count per channel (K, int32) of a sparse block: the stored values (float16 ``bits``, each in channel
+    ``channel``) that are positive numbers."""
+    return np.bincount(channel[is_positive(bits)], minlength=channels).astype(np.int32)
+
+
 def decode_into(block: DecodedBlock, out: np.ndarray) -> np.ndarray:
     """Write a decoded block's maps into ``out`` (cells x K, float32 or float16, cell-major) and return the number
     of cells where each channel is positive (K, int32: Eq. 2's count, from the stored values)."""
@@ -195,7 +201,7 @@ def decode_into(block: DecodedBlock, out: np.ndarray) -> np.ndarray:
     channel = block.positions // cells
     out.fill(0)
     out.reshape(-1)[(block.positions - channel * cells) * channels + channel] = block.bits.view(np.float16).astype(out.dtype)
-    return np.bincount(channel[is_positive(block.bits)], minlength=channels).astype(np.int32)
+    return positive_counts(channel, block.bits, channels)
 
 
 def channel_major(block: DecodedBlock, cells: int, channels: int) -> tuple[np.ndarray, np.ndarray]:

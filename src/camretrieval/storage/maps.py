@@ -52,7 +52,7 @@ from camretrieval.storage.map_codec import (
     decode_block,
     decode_into,
     encode_block,
-    is_positive,
+    positive_counts,
     read_header,
 )
 
@@ -338,7 +338,7 @@ class RaggedMaps:
             columns[end - size : end] = positions - channel * cells + row * cells
             bits[end - size : end] = image_bits
             per_row[row] = np.bincount(channel, minlength=channels)
-            positives[row] = np.bincount(channel[is_positive(image_bits)], minlength=channels)
+            positives[row] = positive_counts(channel, image_bits, channels)
         row_starts = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)  # as the columns: no copy
         values = bits.view(np.float16).astype(np.float32)
         matrix = csr_array((values, columns, row_starts), shape=(len(images) * channels, len(images) * cells))
