@@ -235,6 +235,13 @@ def test_eval_scores_a_refinement_as_the_index_ranks_it(collection, tmp_path):
     assert record["map"] == pytest.approx(float(np.mean(aps)), abs=1e-6)
     refused = camretrieval("eval", "--images", str(images), "--pca", str(pca), "--index", str(kept))
     assert refused.returncode == 2 and "--index keeps the index" in refused.stderr
+    # A file that is not an image is reported, as a database image and as a query, and the evaluation goes on.
+    (images / "cup2" / "broken.jpg").write_bytes(b"not an image")
+    result = camretrieval("eval", "--images", str(images), "--pca", str(pca), "--classes", "8", "--qe", "2", "--json",
+                          "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "query unusable" in result.stderr and "Traceback" not in result.stderr
+    assert json.loads(result.stdout)["settings"]["queries"] == 34
     refused = camretrieval("eval", "--images", str(images), "--pca", str(pca), "--refine", "--qe", "2")
     assert refused.returncode == 2 and "--refine is a complete refinement" in refused.stderr
 

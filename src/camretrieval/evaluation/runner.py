@@ -25,6 +25,7 @@ from camretrieval.evaluation.datasets import RetrievalDataset
 from camretrieval.evaluation.metrics import evaluate
 from camretrieval.extraction.describer import Describer, check_whitening
 from camretrieval.extraction.fitting import whitening_settings, whitening_shrinkage
+from camretrieval.extraction.images import ImageError
 from camretrieval.extraction.settings import DEFAULT_CLASSES
 from camretrieval.method.aggregation import aggregate
 from camretrieval.method.feature_maps import FeatureMaps
@@ -222,7 +223,8 @@ def evaluate_refinement(
     """Score query-time refinement (``eval --refine``, ``--online``, ``--rerank R``, ``--qe K``: ``options``) with the
     dataset's own protocol, through the same :meth:`Index.rank` that ``search`` runs, on ``index``: an index of the
     dataset's database images (``Index.build`` of ``dataset.root``; images it skipped as unusable are ranked last,
-    as :func:`evaluate_variants` ranks them). A query that is a database image is left out of its own ranking and of
+    as :func:`evaluate_variants` ranks them; a query that cannot be read is reported and scored on the database
+    order). A query that is a database image is left out of its own ranking and of
     its expansion (its ground truth holds it as junk). ``seconds_per_image`` is the mean refinement time per query,
     its description included."""
     if any(Path(path).is_absolute() for path in dataset.images):
@@ -237,7 +239,11 @@ def evaluate_refinement(
     started = time.perf_counter()
     for row, query in enumerate(tqdm(dataset.queries, desc="queries", unit="query", disable=not progress)):
         own = in_index.get(query.db_index) if query.db_index is not None else None
-        description = index.describe_query(dataset.query_path(row), query.box, options)
+        try:
+            description = index.describe_query(dataset.query_path(row), query.box, options)
+        except ImageError as error:  # its row stays all -inf: the database order, as a plain eval's empty descriptor
+            print(f"{dataset.name}: query unusable, scored on no ranking: {query.path}: {error}", file=sys.stderr)
+            continue
         ranking = index.rank(description, options, exclude=[own] if own is not None else [])
         # the ranking's order as similarities: first best; the excluded and the unusable after every ranked image
         similarity[row, in_dataset[ranking.ids]] = -np.arange(len(ranking.ids), dtype=np.float64)
